@@ -1,0 +1,263 @@
+"""SQLite storage: connections, schema, batch writes, and the sync outbox queries.
+
+Every connection gets the same pragmas (WAL, synchronous, busy timeout).  sqlite-utils
+creates the schema and serves queries; the hot insert is a prepared ``executemany`` inside
+one ``BEGIN IMMEDIATE`` transaction per batch.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import sqlite_utils
+
+from .signal import FINISHED_FIELDS, UPDATABLE
+
+__all__ = ["connect", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
+           "SIGNAL_COLUMNS", "utc_now", "status_counts", "claim_due", "settle", "release",
+           "reset_status"]
+
+DURABILITY = {"normal": "NORMAL", "full": "FULL"}
+
+SIGNAL_COLUMNS: Dict[str, type] = {
+    "id": int, "signal_id": str, "symbol": str, "action": str, "entry_price": float,
+    "target_price": float, "stop_price": float, "confidence": float, "strategy": str,
+    "asset_type": str, "data_source": str, "timestamp": str, "sha256": str, "regime": str,
+    "reasoning": str, "service_type": str, "executor_id": str, "generated_by": str,
+    "order_id": str, "outcome": str, "exit_price": float, "profit_loss_pct": float,
+    "metadata": str, "created_at": str, "sync_status": str, "sync_attempts": int,
+    "synced_at": str, "sync_error": str, "sync_next_at": float, "sync_claim": str,
+    "sync_claim_until": float,
+}
+# Content columns: what makes two rows with one signal_id "the same signal".
+CONTENT_COLUMNS = tuple(c for c in FINISHED_FIELDS if c not in UPDATABLE)
+
+_INSERT_COLUMNS = FINISHED_FIELDS + ("created_at",)
+_INSERT_SQL = (f"INSERT OR IGNORE INTO signals ({', '.join(_INSERT_COLUMNS)}) "
+               f"VALUES ({', '.join('?' * len(_INSERT_COLUMNS))})")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def connect(path: str, durability: str = "normal", busy_timeout: float = 5.0) -> sqlite3.Connection:
+    """Open ``path`` with the pragmas every argo-signals connection uses."""
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                           check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {DURABILITY[durability]}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create the tables and indexes if they do not exist (idempotent, multi-process safe)."""
+    db = sqlite_utils.Database(conn)
+    if db["signals"].exists() and db["rejected_signals"].exists():
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        signals = db.table("signals")
+        signals.create(
+            SIGNAL_COLUMNS, pk="id",
+            not_null={"signal_id", "symbol", "action", "entry_price", "confidence", "timestamp",
+                      "sha256", "created_at", "sync_status", "sync_attempts"},
+            defaults={"sync_status": "pending", "sync_attempts": 0}, if_not_exists=True)
+        signals.create_index(["signal_id"], unique=True, if_not_exists=True)
+        signals.create_index(["symbol", "timestamp"], if_not_exists=True)
+        signals.create_index(["sync_status"], if_not_exists=True)
+        signals.create_index(["created_at"], if_not_exists=True)
+        db.table("rejected_signals").create(
+            {"id": int, "signal_id": str, "payload": str, "reason": str, "rejected_at": str},
+            pk="id", if_not_exists=True)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def is_environment_error(exc: BaseException) -> bool:
+    """True for failures of the database or disk (retry, then spill), False for a bad row."""
+    if isinstance(exc, (sqlite3.OperationalError, OSError)):
+        return True
+    return type(exc) is sqlite3.DatabaseError  # e.g. "file is not a database", "disk image is malformed"
+
+
+@dataclass
+class BatchResult:
+    inserted: int = 0
+    duplicates: int = 0
+    rejected_rows: List[Tuple[Optional[str], str, str]] = field(default_factory=list)  # id, reason, payload
+    unknown_updates: List[str] = field(default_factory=list)
+
+
+def write_batch(conn: sqlite3.Connection, rows: Sequence[tuple],
+                updates: Sequence[Tuple[str, Dict[str, Any]]] = ()) -> BatchResult:
+    """Insert finished rows and apply updates in one transaction.
+
+    A signal_id already stored with the same content is a no-op; with other content the row
+    goes to ``rejected_signals``.  A row the database refuses is isolated by bisection and
+    rejected on its own, so it cannot sink its batch.  Errors of the database itself
+    (locked, I/O, full) roll back and propagate: the caller keeps the batch and retries.
+    """
+    result = BatchResult()
+    created = utc_now()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        _insert(conn, [r + (created,) for r in rows], result)
+        for sid, values in updates:
+            cols = ", ".join(f"{k} = ?" for k in values)
+            cur = conn.execute(f"UPDATE signals SET {cols} WHERE signal_id = ?", (*values.values(), sid))
+            if cur.rowcount == 0:
+                result.unknown_updates.append(sid)
+        if result.rejected_rows:
+            conn.executemany(
+                "INSERT INTO rejected_signals (signal_id, payload, reason, rejected_at) VALUES (?, ?, ?, ?)",
+                [(sid, payload, reason, created) for sid, reason, payload in result.rejected_rows])
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _insert(conn: sqlite3.Connection, rows: List[tuple], result: BatchResult) -> None:
+    if not rows:
+        return
+    before = conn.total_changes
+    try:
+        conn.execute("SAVEPOINT batch")
+        conn.executemany(_INSERT_SQL, rows)
+        conn.execute("RELEASE batch")
+    except Exception as exc:
+        conn.execute("ROLLBACK TO batch")
+        conn.execute("RELEASE batch")
+        if is_environment_error(exc):
+            raise
+        if len(rows) == 1:
+            _reject(result, rows[0], f"refused by the database: {type(exc).__name__}: {exc}")
+            return
+        mid = len(rows) // 2
+        _insert(conn, rows[:mid], result)
+        _insert(conn, rows[mid:], result)
+        return
+    inserted = conn.total_changes - before
+    result.inserted += inserted
+    if inserted < len(rows):
+        _sort_out_conflicts(conn, rows, result, len(rows) - inserted)
+
+
+def _sort_out_conflicts(conn: sqlite3.Connection, rows: List[tuple], result: BatchResult,
+                        conflicts: int) -> None:
+    """Some rows were ignored: same content as stored is a duplicate, other content is rejected."""
+    idx = [FINISHED_FIELDS.index(c) for c in CONTENT_COLUMNS]
+    stored: Dict[str, tuple] = {}
+    ids = [r[0] for r in rows]
+    cols = ", ".join(CONTENT_COLUMNS)
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        q = f"SELECT {cols} FROM signals WHERE signal_id IN ({', '.join('?' * len(chunk))})"
+        for rec in conn.execute(q, chunk):
+            stored[rec[0]] = tuple(rec)
+    rejected = 0
+    for r in rows:
+        have = stored.get(r[0])
+        if have is None:
+            _reject(result, r, "refused by the database")
+            rejected += 1
+        elif have != tuple(r[i] for i in idx):
+            _reject(result, r, "signal_id already stored with different content")
+            rejected += 1
+    result.duplicates += conflicts - rejected
+
+
+def _reject(result: BatchResult, row: tuple, reason: str) -> None:
+    payload = json.dumps(dict(zip(FINISHED_FIELDS, row)), default=str)
+    result.rejected_rows.append((row[0], reason, payload))
+
+
+# -- read side and outbox -----------------------------------------------------------------
+def status_counts(conn: sqlite3.Connection) -> Dict[str, int]:
+    return {s: n for s, n in conn.execute(
+        "SELECT sync_status, count(*) FROM signals GROUP BY sync_status")}
+
+
+def claim_due(conn: sqlite3.Connection, token: str, limit: int, lease: float,
+              after_id: Optional[int] = None, now: Optional[float] = None) -> List[Dict[str, Any]]:
+    """Atomically claim up to ``limit`` due pending rows (oldest first) for this claimer.
+
+    With ``after_id`` (a forced run) rows are taken whether due or not, in id order after it.
+    """
+    now = time.time() if now is None else now
+    due = ("AND (sync_next_at IS NULL OR sync_next_at <= :now)" if after_id is None
+           else "AND id > :after")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = [dict(zip([d[0] for d in cur.description], rec)) for cur in [conn.execute(
+            f"SELECT * FROM signals WHERE sync_status = 'pending' {due} "
+            "AND (sync_claim_until IS NULL OR sync_claim_until < :now) ORDER BY id LIMIT :limit",
+            {"now": now, "limit": limit, "after": after_id})] for rec in cur.fetchall()]
+        if rows:
+            conn.executemany("UPDATE signals SET sync_claim = ?, sync_claim_until = ? WHERE id = ?",
+                             [(token, now + lease, r["id"]) for r in rows])
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return rows
+
+
+def settle(conn: sqlite3.Connection, row_id: int, token: str, status: str,
+           error: Optional[str] = None) -> None:
+    """Record a final outcome (synced, rejected, skipped) for a row this claimer holds."""
+    synced_at = utc_now() if status == "synced" else None
+    conn.execute(
+        "UPDATE signals SET sync_status = ?, sync_error = ?, synced_at = ?, sync_claim = NULL, "
+        "sync_claim_until = NULL WHERE id = ? AND (sync_claim = ? OR sync_claim IS NULL)",
+        (status, error, synced_at, row_id, token))
+
+
+def release(conn: sqlite3.Connection, row_id: int, token: str, error: Optional[str],
+            count_attempt: bool, next_at: Optional[float], max_attempts: int) -> str:
+    """Give a claimed row back unsettled; returns its new status (pending or failed)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        cur = conn.execute("SELECT sync_attempts FROM signals WHERE id = ? AND sync_claim = ?",
+                           (row_id, token)).fetchone()
+        if cur is None:
+            conn.execute("COMMIT")
+            return "lost-claim"
+        attempts = cur[0] + (1 if count_attempt else 0)
+        status = "failed" if attempts >= max_attempts else "pending"
+        conn.execute(
+            "UPDATE signals SET sync_status = ?, sync_attempts = ?, sync_error = ?, "
+            "sync_next_at = ?, sync_claim = NULL, sync_claim_until = NULL WHERE id = ?",
+            (status, attempts, error, next_at, row_id))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return status
+
+
+def reset_status(conn: sqlite3.Connection, statuses: Iterable[str]) -> int:
+    """Put rows in ``statuses`` back to pending (operator's explicit request)."""
+    total = 0
+    for s in statuses:
+        cur = conn.execute(
+            "UPDATE signals SET sync_status = 'pending', sync_attempts = 0, sync_next_at = NULL, "
+            "sync_claim = NULL, sync_claim_until = NULL WHERE sync_status = ?", (s,))
+        total += cur.rowcount
+    return total

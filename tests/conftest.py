@@ -1,0 +1,79 @@
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_signal(i=0, **over):
+    sig = {"symbol": "AAPL" if i % 2 else "BTC-USD", "action": "BUY" if i % 3 else "SELL",
+           "entry_price": 100.0 + i * 0.01, "target_price": 110.0 + i * 0.01,
+           "stop_price": 95.0, "confidence": 50 + i % 50, "strategy": "momentum"}
+    sig.update(over)
+    return sig
+
+
+def rows(db, where="1", params=()):
+    conn = sqlite3.connect(str(db))
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(f"SELECT * FROM signals WHERE {where} ORDER BY id", params)]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
+def count(db, table="signals"):
+    if not Path(db).exists():
+        return 0
+    conn = sqlite3.connect(str(db))
+    try:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
+
+
+def wait_for(pred, timeout=5.0, step=0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def run_script(code, *args, timeout=60, env=None, **kw):
+    """Run ``code`` in a fresh interpreter (real process) and return the CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=full_env, **kw)
+
+
+def spawn_script(code, *args, env=None, **kw):
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, **kw)
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "signals.db"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in ("ALPINE_API_URL", "ARGO_API_KEY", "ALPINE_SYNC_ENABLED", "ARGO_SIGNALS_DB"):
+        monkeypatch.delenv(name, raising=False)

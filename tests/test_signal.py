@@ -1,0 +1,132 @@
+import hashlib
+import json
+import math
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from argo_signals import SignalValidationError, alpine_hash, new_signal_id
+from argo_signals.signal import as_dict, finish, normalise, normalise_update
+
+GOOD = {"symbol": "AAPL", "action": "BUY", "entry_price": 190.5, "confidence": 80}
+
+
+def independent_hash(d):
+    fields = {
+        "signal_id": d["signal_id"], "symbol": d["symbol"], "action": d["action"].upper(),
+        "entry_price": float(d["entry_price"]),
+        "target_price": None if d.get("target_price") is None else float(d["target_price"]),
+        "stop_price": None if d.get("stop_price") is None else float(d["stop_price"]),
+        "confidence": float(d["confidence"]), "strategy": d["strategy"], "timestamp": d["timestamp"],
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+BAD = [
+    ({"symbol": ""}, "symbol"), ({"symbol": "   "}, "symbol"), ({"symbol": None}, "symbol"),
+    ({"symbol": 12}, "symbol"), ({"action": "HOLD"}, "action"), ({"action": 1}, "action"),
+    ({"entry_price": 0}, "entry_price"), ({"entry_price": -1}, "entry_price"),
+    ({"entry_price": float("nan")}, "entry_price"), ({"entry_price": "inf"}, "entry_price"),
+    ({"entry_price": True}, "entry_price"), ({"entry_price": "abc"}, "entry_price"),
+    ({"entry_price": None}, "entry_price"), ({"entry_price": [1]}, "entry_price"),
+    ({"confidence": 101}, "confidence"), ({"confidence": -0.1}, "confidence"),
+    ({"confidence": False}, "confidence"), ({"target_price": 0}, "target_price"),
+    ({"stop_price": -5}, "stop_price"), ({"stop_loss": "x"}, "stop_price"),
+    ({"signal_id": ""}, "signal_id"), ({"signal_id": "x" * 129}, "signal_id"),
+    ({"signal_id": 5}, "signal_id"), ({"timestamp": "yesterday"}, "timestamp"),
+    ({"timestamp": 12345}, "timestamp"), ({"strategy": 3}, "strategy"),
+    ({"reasoning": b"bytes"}, "reasoning"), ({"symbol": "A\ud800"}, "symbol"),
+    ({"sha256": "abc"}, "sha256"), ({"sync_status": "synced"}, "sync_status"),
+    ({"extra": object()}, "metadata"), ({"extra": float("nan")}, "metadata"),
+    ({"metadata": [1, 2]}, "metadata"), ({"exit_price": 0}, "exit_price"),
+    ({"profit_loss_pct": "x"}, "profit_loss_pct"),
+]
+
+
+@pytest.mark.parametrize("override,field", BAD)
+def test_bad_input_names_the_field(override, field):
+    with pytest.raises(SignalValidationError) as info:
+        normalise({**GOOD, **override})
+    assert info.value.field == field
+    assert field in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("missing", ["symbol", "entry_price", "confidence"])
+def test_required_fields(missing):
+    sig = dict(GOOD)
+    del sig[missing]
+    with pytest.raises(SignalValidationError, match=missing):
+        normalise(sig)
+
+
+def test_not_a_mapping_is_a_type_error():
+    with pytest.raises(TypeError):
+        normalise([("symbol", "AAPL")])
+
+
+@pytest.mark.parametrize("price", [190, 190.0, Decimal("190"), "190", " 190.0 "])
+def test_numbers_become_floats_and_hash_as_floats(price):
+    d = as_dict(finish(normalise({**GOOD, "entry_price": price, "signal_id": "s1",
+                                  "timestamp": "2026-01-02T03:04:05+00:00"})))
+    assert d["entry_price"] == 190.0 and type(d["entry_price"]) is float
+    assert d["sha256"] == independent_hash({**d, "entry_price": 190.0})
+    assert d["sha256"] == alpine_hash("s1", "AAPL", "BUY", 190.0, None, None, 80.0, "unknown",
+                                      "2026-01-02T03:04:05+00:00")
+
+
+def test_defaults_and_normalisation():
+    d = as_dict(finish(normalise({"symbol": " BTC-USD ", "action": "sell", "entry_price": 1,
+                                  "confidence": "99.5", "take_profit": 2, "stop_loss": Decimal("0.5")})))
+    assert d["symbol"] == "BTC-USD" and d["action"] == "SELL"
+    assert d["asset_type"] == "crypto" and d["strategy"] == "unknown"
+    assert d["target_price"] == 2.0 and d["stop_price"] == 0.5
+    ts = datetime.fromisoformat(d["timestamp"])
+    assert ts.utcoffset() == timedelta(0)
+    assert abs((datetime.now(timezone.utc) - ts).total_seconds()) < 5
+    assert d["sha256"] == independent_hash(d)
+    assert as_dict(normalise({**GOOD, "action": None}))["action"] == "NEUTRAL"
+    assert as_dict(normalise(GOOD))["asset_type"] == "stock"
+
+
+@pytest.mark.parametrize("given,expected", [
+    ("2026-01-02T03:04:05Z", "2026-01-02T03:04:05+00:00"),
+    ("2026-01-02T05:04:05+02:00", "2026-01-02T03:04:05+00:00"),
+    ("2026-01-02T03:04:05", "2026-01-02T03:04:05+00:00"),
+    (datetime(2026, 1, 2, 3, 4, 5), "2026-01-02T03:04:05+00:00"),
+    (datetime(2026, 1, 2, 4, 4, 5, 120, tzinfo=timezone(timedelta(hours=1))), "2026-01-02T03:04:05.000120+00:00"),
+])
+def test_timestamps_normalised_to_utc_with_offset(given, expected):
+    d = as_dict(finish(normalise({**GOOD, "timestamp": given})))
+    assert d["timestamp"] == expected
+    assert d["sha256"] == independent_hash(d)
+
+
+def test_extra_keys_kept_in_metadata():
+    d = as_dict(normalise({**GOOD, "venue": "XNAS", "metadata": {"a": 1}, "tags": ["x"]}))
+    assert json.loads(d["metadata"]) == {"a": 1, "venue": "XNAS", "tags": ["x"]}
+    assert as_dict(normalise(GOOD))["metadata"] is None
+
+
+def test_generated_ids_are_unique_and_time_ordered():
+    ids = [new_signal_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert all(len(i) == 36 and i[14] == "7" for i in ids)
+
+
+def test_update_fields_validated():
+    assert normalise_update({"outcome": "win", "exit_price": "195"}) == {"outcome": "win", "exit_price": 195.0}
+    with pytest.raises(SignalValidationError, match="symbol"):
+        normalise_update({"symbol": "X"})
+    with pytest.raises(SignalValidationError, match="exit_price"):
+        normalise_update({"exit_price": -1})
+    with pytest.raises(SignalValidationError):
+        normalise_update({})
+
+
+def test_huge_int_refused():
+    with pytest.raises(SignalValidationError, match="entry_price"):
+        normalise({**GOOD, "entry_price": 10 ** 400})
+    assert math.isfinite(as_dict(normalise({**GOOD, "entry_price": 10 ** 300}))["entry_price"])
