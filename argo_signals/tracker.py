@@ -108,6 +108,10 @@ class SignalTracker:
             os.register_at_fork(after_in_child=lambda: (lambda t: t is not None and t._after_fork())(ref()))
         if handle_signals:
             self.install_signal_handlers()
+        if self._syncer is not None:
+            # the writer's tick drives the outbox: start it now so rows left pending by an
+            # earlier run are picked up even if this tracker never logs a signal
+            self._writer.start()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

@@ -135,6 +135,12 @@ class Writer:
             return
         self._write_sync(entry, "queue full")
 
+    def start(self) -> None:
+        """Start the thread now instead of on the first put() (no-op if running or closed)."""
+        cause = self._ensure_running()
+        if cause:
+            log.warning("writer thread not started: %s", cause)
+
     def _ensure_running(self) -> Optional[str]:
         """Start (or restart) the thread; returns why not when the caller must write itself."""
         with self._state:
