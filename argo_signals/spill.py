@@ -62,12 +62,15 @@ def append(path: str, rows: Sequence[tuple], updates: Sequence[Update] = ()) -> 
 
 
 def pending_count(path: str) -> int:
-    """Lines waiting in the spill file (0 when there is none)."""
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip())
-    except FileNotFoundError:
-        return 0
+    """Lines waiting in the spill file and in one taken for a replay (0 when there is none)."""
+    n = 0
+    for p in (path, f"{path}.replaying"):
+        try:
+            with open(p, "rb") as f:
+                n += sum(1 for line in f if line.strip())
+        except FileNotFoundError:
+            pass
+    return n
 
 
 def take(path: str) -> Optional[Tuple[str, List[tuple], List[Update]]]:

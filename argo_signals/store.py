@@ -140,10 +140,10 @@ def _insert(conn: sqlite3.Connection, rows: List[tuple], result: BatchResult) ->
         conn.executemany(_INSERT_SQL, rows)
         conn.execute("RELEASE batch")
     except Exception as exc:
+        if is_environment_error(exc) or not conn.in_transaction:
+            raise  # SQLite may already have rolled the whole transaction back (e.g. SQLITE_FULL)
         conn.execute("ROLLBACK TO batch")
         conn.execute("RELEASE batch")
-        if is_environment_error(exc):
-            raise
         if len(rows) == 1:
             _reject(result, rows[0], f"refused by the database: {type(exc).__name__}: {exc}")
             return

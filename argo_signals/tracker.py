@@ -65,6 +65,7 @@ class SignalTracker:
         sync_retry_budget: float = 30.0,
         max_sync_attempts: int = 20,
         handle_signals: bool = False,
+        on_connect: Optional[Callable[[sqlite3.Connection], None]] = None,
     ) -> None:
         self.db_path = os.fspath(db_path) if db_path is not None else default_db_path()
         self.atexit_timeout = atexit_timeout
@@ -93,7 +94,7 @@ class SignalTracker:
                          batch_size=batch_size, batch_timeout=batch_timeout,
                          flush_interval=flush_interval, max_queue_size=max_queue_size,
                          queue_full_timeout=queue_full_timeout, max_batch=max_batch,
-                         write_retry_budget=write_retry_budget),
+                         write_retry_budget=write_retry_budget, on_connect=on_connect),
             self._stats,
             on_commit=self._syncer and (lambda n, s=self._syncer: s.nudge()),
             on_tick=self._syncer and self._syncer.nudge)

@@ -48,7 +48,8 @@ class WriterConfig:
     def __init__(self, db_path: str, *, durability: str = "normal", busy_timeout: float = 5.0,
                  batch_size: int = 50, batch_timeout: float = 5.0, flush_interval: float = 10.0,
                  max_queue_size: int = 10_000, queue_full_timeout: float = 0.05,
-                 max_batch: int = 1000, write_retry_budget: float = 30.0) -> None:
+                 max_batch: int = 1000, write_retry_budget: float = 30.0,
+                 on_connect: Optional[Callable[[sqlite3.Connection], None]] = None) -> None:
         if batch_size < 1 or max_queue_size < 1 or max_batch < 1:
             raise ValueError("batch_size, max_queue_size and max_batch must be >= 1")
         if batch_timeout <= 0 or flush_interval <= 0:
@@ -65,6 +66,7 @@ class WriterConfig:
         self.queue_full_timeout = queue_full_timeout
         self.max_batch = max(max_batch, batch_size)
         self.write_retry_budget = write_retry_budget
+        self.on_connect = on_connect
 
 
 class Writer:
@@ -102,6 +104,9 @@ class Writer:
         self._broken_until = 0.0
         self._fallback_causes: Dict[str, bool] = {}
         self._close_ok = True
+        self._deadline = float("inf")          # set by close(): stop retrying and spill by then
+        self._pause_until = 0.0                # after a failed spill: do not spin
+        self._inode: Optional[Tuple[int, int]] = None
 
     # -- producer side ------------------------------------------------------------------
     def put(self, entry: Entry) -> None:
@@ -188,10 +193,12 @@ class Writer:
             ok = True
             if entry is not None:
                 self._q.append(entry)
-            while True:
-                batch = self._pop(self.config.max_batch)
+            todo = len(self._q)  # entries re-queued by a failed spill are not retried in this call
+            while todo > 0:
+                batch = self._pop(min(todo, self.config.max_batch))
                 if not batch:
                     break
+                todo -= len(batch)
                 try:
                     ok = self._write_entries(batch, None) and ok
                 except Exception:
@@ -236,6 +243,8 @@ class Writer:
         self._notify_space()
         budget = self.config.write_retry_budget + 1.0
         limit = budget if timeout is None else min(timeout, budget) if timeout > 0 else 0.0
+        # a batch still failing near the deadline is spilled rather than left in memory
+        self._deadline = time.monotonic() + max(0.0, limit - max(0.2, limit * 0.25))
         if thread is not None:
             self._wake.set()
             thread.join(limit)
@@ -279,6 +288,9 @@ class Writer:
                 self._drain("close", everything=True)
                 return
             now = time.monotonic()
+            if now < self._pause_until:
+                self._wake.wait(self._pause_until - now)
+                continue
             reason = None
             if self._flush_req:
                 self._flush_req = False
@@ -394,14 +406,28 @@ class Writer:
                 log.exception("commit hook failed")
 
     def _connection(self) -> sqlite3.Connection:
+        if self._conn is not None and self._inode is not None:
+            # the file was deleted or replaced under us: writing on would go to an orphan inode
+            try:
+                st = os.stat(self.config.db_path)
+                same = (st.st_dev, st.st_ino) == self._inode
+            except OSError:
+                same = False
+            if not same:
+                log.error("database file %s vanished or was replaced; reopening it", self.config.db_path)
+                self._close_connection()
         if self._conn is None:
             conn = connect(self.config.db_path, self.config.durability, self.config.busy_timeout)
             try:
+                if self.config.on_connect is not None:
+                    self.config.on_connect(conn)
                 ensure_schema(conn)
+                st = os.stat(self.config.db_path)
             except BaseException:
                 conn.close()
                 raise
             self._conn = conn
+            self._inode = (st.st_dev, st.st_ino)
         return self._conn
 
     def _close_connection(self) -> None:
@@ -424,10 +450,13 @@ class Writer:
             self.stats.last_error = f"database write failed: {exc}"
             self._close_connection()  # reopen: the file or its directory may have been replaced
             if failures[0] == 1:
-                log.warning("database write failed (%s); retrying for up to %.0fs", exc, budget)
+                log.warning("database write failed (%s); retrying for up to %.1fs", exc, budget)
+
+        def closing(retry_state: Any) -> bool:
+            return time.monotonic() >= self._deadline
 
         retryer = Retrying(retry=retry_if_exception(is_environment_error),
-                           stop=stop_after_delay(budget),
+                           stop=stop_after_delay(budget) | closing,
                            wait=wait_exponential(multiplier=0.02, max=1.0) + wait_random(0, 0.05),
                            before_sleep=note, reraise=True)
         try:
@@ -453,6 +482,7 @@ class Writer:
                          "stay in memory", exc, self.spill_path, err, len(rows))
             self._q.extendleft(reversed(self._held))
             self._held = []
+            self._pause_until = time.monotonic() + 1.0
             return None
         self.stats.spilled += len(rows)
         log.error("database unwritable (%s): %d signals and %d updates spilled to %s; they are "
@@ -475,12 +505,12 @@ class Writer:
                 self._close_connection()
                 log.debug("spill replay deferred: %s", exc)
                 return 0
-            os.remove(path)
-            self._degraded = False
             self.stats.replayed += len(rows)
             self.stats.persisted += result.inserted
             self.stats.duplicates += result.duplicates
             self.stats.rejected += len(result.rejected_rows)
+            os.remove(path)  # after the commit: a crash in between only replays no-ops
+            self._degraded = False
             log.warning("replayed %d spilled signals from %s (%d new, %d already stored)",
                         len(rows), self.spill_path, result.inserted, result.duplicates)
             if result.inserted and self.on_commit is not None:
