@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -60,8 +61,15 @@ def _open_existing(db_path: str) -> sqlite3.Connection:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="argo-signals")
-def main() -> None:
+@click.option("--verbose", "-v", is_flag=True, help="Log INFO messages too (default: warnings and errors).")
+def main(verbose: bool) -> None:
     """Durable trading-signal logging: SQLite first, then Alpine."""
+    logger = logging.getLogger("argo_signals")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 # -- demo ---------------------------------------------------------------------------------------
@@ -256,7 +264,8 @@ def status(db_path: str, as_json: bool) -> None:
     by = data["by_sync_status"]
     text = (f"{db_path}: {total} signals ({size / 1024:.0f} KiB, journal {journal})\n"
             f"  sync: {by['pending']} pending, {by['synced']} synced, {by['skipped']} skipped, "
-            f"{by['rejected']} rejected, {by['failed']} failed; lag {st['sync_lag_s']} s\n"
+            f"{by['rejected']} rejected, {by['failed']} failed; "
+            f"lag {'-' if st['sync_lag_s'] is None else str(st['sync_lag_s']) + ' s'}\n"
             f"  oldest {data['oldest_signal']}, newest {data['newest_signal']}\n"
             f"  refused rows (rejected_signals): {rejected}; spill file lines: {data['spill_pending']}")
     _emit(data, as_json, text)
@@ -268,8 +277,8 @@ TAIL_COLUMNS = ("id", "timestamp", "symbol", "action", "entry_price", "confidenc
 def _table(records: List[sqlite3.Row]) -> str:
     cells = [[("" if r[c] is None else str(r[c])) for c in TAIL_COLUMNS] for r in records]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(TAIL_COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(TAIL_COLUMNS, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(TAIL_COLUMNS, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines)
 
 
