@@ -445,8 +445,8 @@ def verify(db_path: str, as_json: bool) -> None:
 @main.command()
 @click.option("--signals", "n_signals", default=20_000, show_default=True, help="Signals per measurement.")
 @click.option("--repeat", default=3, show_default=True, help="Repetitions (the median is reported).")
-@click.option("--sync-signals", default=2000, show_default=True, help="Signals for the sync measurements.")
-@click.option("--backlog", default=10_000, show_default=True, help="Backlog size for the drain measurement.")
+@click.option("--sync-signals", default=1000, show_default=True, help="Signals per live sync measurement.")
+@click.option("--backlog", default=10_000, show_default=True, help="Pending rows for the backlog drain (measured once).")
 @json_option
 @quiet_option
 def bench(n_signals: int, repeat: int, sync_signals: int, backlog: int, as_json: bool, quiet: bool) -> None:

@@ -24,6 +24,7 @@ class Stats:
         self.fallback_writes = 0
         self.unknown_updates = 0
         self.write_retries = 0
+        self.transactions = 0
         self.writer_restarts = 0
         self.spilled = 0
         self.replayed = 0
@@ -41,6 +42,7 @@ class Stats:
             "fallback_writes": self.fallback_writes,
             "unknown_updates": self.unknown_updates,
             "write_retries": self.write_retries,
+            "transactions": self.transactions,
             "writer_restarts": self.writer_restarts,
             "spilled": self.spilled,
             "replayed": self.replayed,

@@ -18,7 +18,7 @@ import sqlite_utils
 from .signal import FINISHED_FIELDS, UPDATABLE
 
 __all__ = ["connect", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
-           "SIGNAL_COLUMNS", "utc_now", "status_counts", "claim_due", "settle", "release",
+           "SIGNAL_COLUMNS", "utc_now", "status_counts", "claim_due", "settle", "settle_many", "release",
            "reset_status"]
 
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}
@@ -221,11 +221,25 @@ def claim_due(conn: sqlite3.Connection, token: str, limit: int, lease: float,
 def settle(conn: sqlite3.Connection, row_id: int, token: str, status: str,
            error: Optional[str] = None) -> None:
     """Record a final outcome (synced, rejected, skipped) for a row this claimer holds."""
-    synced_at = utc_now() if status == "synced" else None
-    conn.execute(
-        "UPDATE signals SET sync_status = ?, sync_error = ?, synced_at = ?, sync_claim = NULL, "
-        "sync_claim_until = NULL WHERE id = ? AND (sync_claim = ? OR sync_claim IS NULL)",
-        (status, error, synced_at, row_id, token))
+    settle_many(conn, token, [(row_id, status, error)])
+
+
+def settle_many(conn: sqlite3.Connection, token: str,
+                outcomes: Sequence[Tuple[int, str, Optional[str]]]) -> None:
+    """Record final outcomes [(row_id, status, error)] in one transaction."""
+    now = utc_now()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(
+            "UPDATE signals SET sync_status = ?, sync_error = ?, synced_at = ?, sync_claim = NULL, "
+            "sync_claim_until = NULL WHERE id = ? AND (sync_claim = ? OR sync_claim IS NULL)",
+            [(status, error, now if status == "synced" else None, rid, token)
+             for rid, status, error in outcomes])
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def release(conn: sqlite3.Connection, row_id: int, token: str, error: Optional[str],

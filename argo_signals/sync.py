@@ -208,6 +208,8 @@ class Syncer:
         self._paused_until = 0.0
         self._auth_failing = False
         self._stopped = False
+        self._settled: List[Tuple[int, str, Optional[str]]] = []   # outcomes not yet written
+        self._settle_lock = threading.Lock()
         self.max_inflight = self.config.workers * 2
         self.lease = self.config.retry_budget * 3 + 60.0
 
@@ -227,6 +229,12 @@ class Syncer:
         s = getattr(self._local, "session", None)
         if s is None:
             s = requests.Session()
+            # resolve proxy and CA settings from the environment once, not on every request
+            env = s.merge_environment_settings(self.config.alpine_url, {}, None, None, None)
+            s.trust_env = False
+            s.proxies.update(env.get("proxies") or {})
+            if self.config.alpine_url.startswith("https://"):
+                s.verify = env.get("verify", True)
             adapter = _AbortableAdapter(self._sockets)
             s.mount("http://", adapter)
             s.mount("https://", adapter)
@@ -369,12 +377,12 @@ class Syncer:
         rid, sid = row["id"], row["signal_id"]
         self.outcomes[outcome.kind] += 1
         if outcome.kind == "synced":
-            store.settle(conn, rid, self._token, "synced")
+            self._settle(rid, "synced", None)
             if self._auth_failing:
                 self._auth_failing = False
                 log.warning("Alpine accepts the API key again")
         elif outcome.kind == "rejected":
-            store.settle(conn, rid, self._token, "rejected", outcome.detail)
+            self._settle(rid, "rejected", outcome.detail)
             log.warning("signal %s rejected by Alpine: %s", sid, outcome.detail)
         elif outcome.kind == "auth":
             self._paused_until = time.monotonic() + cfg.auth_pause
@@ -397,6 +405,27 @@ class Syncer:
                           "--retry-failed` re-queues it", sid, attempts, outcome.detail)
             elif not interrupted:
                 log.warning("signal %s not synced yet (%s); due again in %.0fs", sid, outcome.detail, delay)
+
+    def _settle(self, row_id: int, status: str, error: Optional[str]) -> None:
+        """Queue a final outcome; whoever finds the writer free writes all that wait at once."""
+        self._settled.append((row_id, status, error))
+        self.flush_outcomes()
+
+    def flush_outcomes(self) -> None:
+        while self._settled:
+            if not self._settle_lock.acquire(blocking=False):
+                return  # the holder re-checks the list after it releases
+            try:
+                batch, self._settled = self._settled, []
+                try:
+                    store.settle_many(self._conn(), self._token, batch)
+                except Exception as exc:
+                    self._settled[:0] = batch
+                    self.last_error = f"could not record sync outcomes: {exc}"
+                    log.warning("could not record %d sync outcomes yet: %s", len(batch), exc)
+                    return
+            finally:
+                self._settle_lock.release()
 
     # -- offline transitions, stop ---------------------------------------------------------
     def settle_offline(self) -> int:
@@ -444,7 +473,11 @@ class Syncer:
                 if left <= 0:
                     return False
                 self._idle.wait(min(left, 0.05))
-        return True
+        while self._settled and time.monotonic() < deadline:
+            self.flush_outcomes()
+            if self._settled:
+                time.sleep(0.01)
+        return not self._settled
 
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Stop claiming; let in-flight requests finish within ``timeout``, then abort them."""

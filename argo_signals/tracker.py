@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import signal as _signal
@@ -53,7 +54,7 @@ class SignalTracker:
         atexit_timeout: float = 10.0,
         durability: str = "normal",
         busy_timeout: float = 5.0,
-        queue_full_timeout: float = 0.05,
+        queue_full_timeout: float = 0.1,
         max_batch: int = 1000,
         write_retry_budget: float = 30.0,
         alpine_url: Optional[str] = None,
@@ -70,8 +71,7 @@ class SignalTracker:
         self.db_path = os.fspath(db_path) if db_path is not None else default_db_path()
         self.atexit_timeout = atexit_timeout
         self._stats = Stats()
-        self._logged = 0
-        self._logged_lock = threading.Lock()
+        self._logged = itertools.count()  # next() is atomic: no lock on the hot path
         self._pid = os.getpid()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -130,8 +130,7 @@ class SignalTracker:
             self._after_fork()
         row = normalise(signal)
         self._put((INSERT, row, time.monotonic()))
-        with self._logged_lock:
-            self._logged += 1
+        next(self._logged)
         return row[0]
 
     def update_signal(self, signal_id: str, **fields: Any) -> None:
@@ -174,7 +173,7 @@ class SignalTracker:
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
         """Counters of this tracker plus the sync state of the database (see docs/api.md)."""
-        out: Dict[str, Any] = {"logged": self._logged, "pending": self._writer.pending()}
+        out: Dict[str, Any] = {"logged": _count_value(self._logged), "pending": self._writer.pending()}
         out.update(self._stats.snapshot())
         out["spill_pending"] = spill.pending_count(self._writer.spill_path)
         out.update(sync_state(self.db_path))
@@ -230,12 +229,16 @@ class SignalTracker:
             return
         self._pid = os.getpid()
         self._stats.__init__()  # type: ignore[misc]
-        self._logged = 0
-        self._logged_lock = threading.Lock()
+        self._logged = itertools.count()
         self._close_lock = threading.Lock()
         self._writer.after_fork_in_child()
         if self._syncer is not None:
             self._syncer.after_fork_in_child()
+
+
+def _count_value(counter: "itertools.count[int]") -> int:
+    """The next value of an itertools.count without consuming it (its repr is ``count(N)``)."""
+    return int(repr(counter)[6:-1])
 
 
 def _close_parts(writer: Writer, syncer: Optional[Syncer], timeout: Optional[float]) -> bool:

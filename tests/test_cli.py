@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from argo_signals import SignalTracker
 from argo_signals.cli import main
 
-from alpine_server import AlpineServer
+from argo_signals.testing import AlpineServer
 from conftest import count, make_signal, rows
 
 BIN = Path(sys.executable).parent

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from argo_signals import SignalTracker, SignalValidationError
 from argo_signals.signal import as_dict, finish, normalise
 
+from test_signal import independent_hash
+
 KEYS = ["symbol", "action", "entry_price", "confidence", "target_price", "stop_price", "timestamp",
         "strategy", "asset_type", "data_source", "regime", "reasoning", "take_profit", "stop_loss",
         "exit_price", "profit_loss_pct", "outcome", "metadata", "sha256", "venue", "extra"]
@@ -100,3 +102,4 @@ def test_fuzzed_signals_from_threads(batch):
                     assert row[k] == v, (k, row[k], v)
             for k in ("entry_price", "confidence"):
                 assert isinstance(row[k], float) and math.isfinite(row[k])
+            assert row["sha256"] == independent_hash(row)

@@ -5,6 +5,8 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from argo_signals import SignalValidationError, alpine_hash, new_signal_id
 from argo_signals.signal import as_dict, finish, normalise, normalise_update
@@ -25,7 +27,7 @@ def independent_hash(d):
 
 BAD = [
     ({"symbol": ""}, "symbol"), ({"symbol": "   "}, "symbol"), ({"symbol": None}, "symbol"),
-    ({"symbol": 12}, "symbol"), ({"action": "HOLD"}, "action"), ({"action": 1}, "action"),
+    ({"symbol": 12}, "symbol"), ({"action": "HOLD"}, "action"), ({"action": 1}, "action"), ({"action": ["BUY"]}, "action"),
     ({"entry_price": 0}, "entry_price"), ({"entry_price": -1}, "entry_price"),
     ({"entry_price": float("nan")}, "entry_price"), ({"entry_price": "inf"}, "entry_price"),
     ({"entry_price": True}, "entry_price"), ({"entry_price": "abc"}, "entry_price"),
@@ -130,3 +132,23 @@ def test_huge_int_refused():
     with pytest.raises(SignalValidationError, match="entry_price"):
         normalise({**GOOD, "entry_price": 10 ** 400})
     assert math.isfinite(as_dict(normalise({**GOOD, "entry_price": 10 ** 300}))["entry_price"])
+
+
+@given(sid=st.text(min_size=1), symbol=st.text(min_size=1), strategy=st.text(), ts=st.text(),
+       action=st.sampled_from(["BUY", "sell", "Neutral"]),
+       nums=st.tuples(*[st.floats(allow_nan=False, allow_infinity=False)] * 2),
+       opt=st.tuples(*[st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False))] * 2))
+def test_fast_hash_is_byte_for_byte_the_receivers_json_dumps(sid, symbol, strategy, ts, action, nums, opt):
+    d = {"signal_id": sid, "symbol": symbol, "action": action, "entry_price": nums[0],
+         "confidence": nums[1], "target_price": opt[0], "stop_price": opt[1], "strategy": strategy,
+         "timestamp": ts}
+    assert alpine_hash(sid, symbol, action, nums[0], opt[0], opt[1], nums[1], strategy, ts) == independent_hash(d)
+
+
+@given(st.floats(min_value=0, max_value=4102444800))
+def test_default_timestamp_format_is_exact_utc_iso(ts):
+    from argo_signals.signal import _utc_iso
+    text = _utc_iso(ts)
+    parsed = datetime.fromisoformat(text)
+    assert parsed.utcoffset() == timedelta(0) and text.endswith("+00:00") and len(text) == 32
+    assert abs(parsed.timestamp() - ts) <= 1e-6

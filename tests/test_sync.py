@@ -10,7 +10,7 @@ import pytest
 from argo_signals import SignalTracker
 from argo_signals.sync import parse_retry_after
 
-from alpine_server import AlpineServer, free_port
+from argo_signals.testing import AlpineServer, free_port
 from conftest import count, make_signal, rows, run_script, wait_for
 
 KEY = "test-key-123"

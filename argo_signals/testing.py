@@ -1,11 +1,23 @@
-"""A loopback HTTP server that behaves like the Alpine ingest router (../shared/alpine-contract.md).
+"""A loopback receiver that behaves like the Alpine ingest endpoint, for tests and the benchmark.
 
 It checks the API key, decodes and validates the body, detects duplicates by hash before
-verifying the hash, applies the storage model's checks, and stores.  Faults can be injected:
-queued answers (e.g. 500s, 429 with Retry-After, 401), a delay before answering, and going down.
+verifying the hash, applies the receiver's storage checks, and stores in memory.  Faults can be
+injected: queued answers (e.g. 500s, 429 with Retry-After, 401), a delay before answering, and
+going down (connections refused until ``start()`` again).
+
+    >>> from argo_signals.testing import AlpineServer
+    >>> server = AlpineServer(api_key="k").start()
+    >>> server.url.startswith("http://127.0.0.1:")
+    True
+    >>> server.stop()
+
+``python -m argo_signals.testing [--port N] [--api-key K]`` serves until killed and prints its
+URL on the first line of stdout.
 """
+import argparse
 import hashlib
 import json
+import sys
 import socket
 import threading
 import time
@@ -13,6 +25,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 SIGNAL_PATH = "/api/v1/external-signals/sync/signal"
 HEALTH_PATH = "/api/v1/external-signals/sync/health"
+
+
+__all__ = ["AlpineServer", "receiver_hash", "free_port", "SIGNAL_PATH", "HEALTH_PATH"]
 
 
 def receiver_hash(body):
@@ -32,6 +47,7 @@ def receiver_hash(body):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: avoid 40 ms ACK stalls
 
     def log_message(self, *args):  # keep test output quiet
         pass
@@ -173,3 +189,22 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _serve() -> None:  # pragma: no cover - exercised by the benchmark
+    parser = argparse.ArgumentParser(description="A loopback Alpine-contract receiver.")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--api-key", default="bench-key")
+    args = parser.parse_args()
+    server = AlpineServer(args.api_key, port=args.port).start()
+    sys.stdout.write(server.url + "\n")
+    sys.stdout.flush()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _serve()
