@@ -42,6 +42,7 @@ def _progress(length: Optional[int], label: str, quiet: bool) -> Iterator[Any]:
                 pass
         yield _Null()
         return
+    bar: Any
     with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
         yield bar
 

@@ -98,7 +98,7 @@ def payload(row: Dict[str, Any]) -> Dict[str, Any]:
     body = {k: row.get(k) for k in ("signal_id", "symbol", "action", "entry_price", "target_price",
                                     "stop_price", "confidence", "strategy", "asset_type",
                                     "timestamp", "sha256")}
-    body["action"] = body["action"].upper()
+    body["action"] = str(body["action"]).upper()
     for k in ("data_source", "regime", "reasoning"):
         if row.get(k) is not None:
             body[k] = row[k]
@@ -247,6 +247,10 @@ class Syncer:
         return s
 
     # -- scheduling ------------------------------------------------------------------------
+    def nudge_after_commit(self, rows: int) -> None:
+        """The writer's commit hook: ``rows`` were committed."""
+        self.nudge()
+
     def nudge(self) -> None:
         """Ask for a pump (non-blocking): claim due rows and submit their deliveries."""
         if self._stopping.is_set() or interpreter_exiting.is_set():
@@ -365,9 +369,13 @@ class Syncer:
         retrying = Retrying(
             retry=retry_if_result(lambda o: o.kind == "transient" and not self._stopping.is_set()),
             stop=stop_after_attempt(cfg.requests_per_claim) | stop_before_delay(cfg.retry_budget),
-            wait=wait, sleep=self._stopping.wait, before_sleep=self._count_retry,
-            retry_error_callback=lambda rs: rs.outcome.result())
+            wait=wait, sleep=self._sleep, before_sleep=self._count_retry,
+            retry_error_callback=_last_result)
         return retrying(attempt)
+
+    def _sleep(self, seconds: float) -> None:
+        """tenacity's sleep: ends at once when stop() is called."""
+        self._stopping.wait(seconds)
 
     def _count_retry(self, rs: Any) -> None:
         self.retries += 1
@@ -550,6 +558,11 @@ def _detail(resp: requests.Response) -> str:
         d = None
     text = d if isinstance(d, str) else json.dumps(d) if d is not None else resp.text
     return (text or resp.reason or "").strip()[:200]
+
+
+def _last_result(retry_state: Any) -> Outcome:
+    """When retries run out, the answer is the last outcome (never an exception)."""
+    return retry_state.outcome.result()  # type: ignore[no-any-return]
 
 
 def _dict_row(cursor: Any, rec: tuple) -> Dict[str, Any]:

@@ -96,8 +96,8 @@ class SignalTracker:
                          queue_full_timeout=queue_full_timeout, max_batch=max_batch,
                          write_retry_budget=write_retry_budget, on_connect=on_connect),
             self._stats,
-            on_commit=self._syncer and (lambda n, s=self._syncer: s.nudge()),
-            on_tick=self._syncer and self._syncer.nudge)
+            on_commit=None if self._syncer is None else self._syncer.nudge_after_commit,
+            on_tick=None if self._syncer is None else self._syncer.nudge)
         self._put = self._writer.put
 
         self._atexit_fn: Optional[Callable[[], None]] = None
@@ -105,8 +105,7 @@ class SignalTracker:
             self._atexit_fn = _exit_hook(weakref.ref(self), self._writer, self._syncer, atexit_timeout)
             atexit.register(self._atexit_fn)
         if hasattr(os, "register_at_fork"):
-            ref = weakref.ref(self)
-            os.register_at_fork(after_in_child=lambda: (lambda t: t is not None and t._after_fork())(ref()))
+            os.register_at_fork(after_in_child=_fork_hook(weakref.ref(self)))
         if handle_signals:
             self.install_signal_handlers()
         if self._syncer is not None:
@@ -254,6 +253,15 @@ def _close_parts(writer: Writer, syncer: Optional[Syncer], timeout: Optional[flo
             left = max(0.0, min(left, timeout - (time.monotonic() - start)))
         ok = syncer.stop(left) and ok
     return ok
+
+
+def _fork_hook(ref: "weakref.ref[SignalTracker]") -> Callable[[], None]:
+    """The after-fork callback: it holds the tracker only weakly."""
+    def in_child() -> None:
+        tracker = ref()
+        if tracker is not None:
+            tracker._after_fork()
+    return in_child
 
 
 def _exit_hook(ref: "weakref.ref[SignalTracker]", writer: Writer, syncer: Optional[Syncer],

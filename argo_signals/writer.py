@@ -19,6 +19,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
+from tenacity.stop import stop_base
 
 from . import spill
 from .signal import finish
@@ -123,12 +124,15 @@ class Writer:
 
     def _slow_put(self, entry: Entry) -> None:
         if self._closed:
-            return self._write_sync(entry, "tracker closed")
+            self._write_sync(entry, "tracker closed")
+            return
         if not self._running:
             cause = self._ensure_running()
             if cause:
-                return self._write_sync(entry, cause)
-            return self.put(entry)
+                self._write_sync(entry, cause)
+            else:
+                self.put(entry)
+            return
         # queue full: wait a bounded time for room, then write in this thread
         q = self._q
         with self._space:
@@ -454,11 +458,8 @@ class Writer:
             if failures[0] == 1:
                 log.warning("database write failed (%s); retrying for up to %.1fs", exc, budget)
 
-        def closing(retry_state: Any) -> bool:
-            return time.monotonic() >= self._deadline
-
         retryer = Retrying(retry=retry_if_exception(is_environment_error),
-                           stop=stop_after_delay(budget) | closing,
+                           stop=stop_after_delay(budget) | _StopAt(lambda: self._deadline),
                            wait=wait_exponential(multiplier=0.02, max=1.0) + wait_random(0, 0.05),
                            before_sleep=note, reraise=True)
         try:
@@ -473,7 +474,8 @@ class Writer:
                 raise
             self._close_connection()
             self.stats.last_error = f"database write failed: {exc}"
-            return self._spill(rows, updates, exc)
+            self._spill(rows, updates, exc)
+            return None
 
     def _spill(self, rows: List[tuple], updates: List[Tuple[str, Dict[str, Any]]],
                exc: BaseException) -> None:
@@ -486,11 +488,10 @@ class Writer:
             self._q.extendleft(reversed(self._held))
             self._held = []
             self._pause_until = time.monotonic() + 1.0
-            return None
+            return
         self.stats.spilled += len(rows)
         log.error("database unwritable (%s): %d signals and %d updates spilled to %s; they are "
                   "replayed when the database can be written", exc, len(rows), len(updates), self.spill_path)
-        return None
 
     def replay_spill(self) -> int:
         """Write back what the spill file holds (idempotent by signal_id); returns rows replayed."""
@@ -540,3 +541,13 @@ class Writer:
 
 
 _LEAKED_AFTER_FORK: List[sqlite3.Connection] = []
+
+
+class _StopAt(stop_base):
+    """A tenacity stop condition: stop once the monotonic clock passes ``deadline()``."""
+
+    def __init__(self, deadline: Callable[[], float]) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: Any) -> bool:
+        return time.monotonic() >= self.deadline()

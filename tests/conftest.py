@@ -51,6 +51,25 @@ def wait_for(pred, timeout=5.0, step=0.01):
     return pred()
 
 
+def produce_in_threads(tracker, threads, per_thread, tag):
+    """`threads` producers each log `per_thread` signals tagged (strategy=tag+k, metadata seq=i)."""
+    import threading
+
+    def produce(k):
+        for i in range(per_thread):
+            tracker.log_signal(make_signal(i, strategy=f"{tag}{k}", metadata={"seq": i}))
+    workers = [threading.Thread(target=produce, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+def seqs_of(all_rows, strategy):
+    import json
+    return [json.loads(r["metadata"])["seq"] for r in all_rows if r["strategy"] == strategy]
+
+
 def run_script(code, *args, timeout=60, env=None, **kw):
     """Run ``code`` in a fresh interpreter (real process) and return the CompletedProcess."""
     full_env = dict(os.environ)

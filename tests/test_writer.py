@@ -10,7 +10,7 @@ from argo_signals import SignalTracker, SignalValidationError
 from argo_signals.signal import finish, normalise
 from argo_signals.store import connect, ensure_schema, write_batch
 
-from conftest import count, make_signal, rows, wait_for
+from conftest import count, make_signal, produce_in_threads, rows, seqs_of, wait_for
 
 QUIET = dict(batch_size=10_000, batch_timeout=3600, flush_interval=3600, register_atexit=False)
 
@@ -56,21 +56,13 @@ def test_manual_flush_and_close_triggers(db):
 
 def test_eight_threads_forty_thousand_rows_in_order(db):
     with SignalTracker(db, register_atexit=False) as t:
-        def produce(k):
-            for i in range(5000):
-                t.log_signal(make_signal(i, strategy=f"p{k}", metadata={"seq": i}))
-        threads = [threading.Thread(target=produce, args=(k,)) for k in range(8)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        produce_in_threads(t, 8, 5000, "p")
         assert t.flush(30)
     all_rows = rows(db)
     assert len(all_rows) == 40_000
     assert len({r["signal_id"] for r in all_rows}) == 40_000
     for k in range(8):
-        seqs = [json.loads(r["metadata"])["seq"] for r in all_rows if r["strategy"] == f"p{k}"]
-        assert seqs == list(range(5000))
+        assert seqs_of(all_rows, f"p{k}") == list(range(5000))
 
 
 def test_flush_from_several_threads(db):
@@ -99,20 +91,13 @@ def test_flush_from_several_threads(db):
 def test_order_kept_when_queue_overflows_into_fallback(db):
     with SignalTracker(db, register_atexit=False, max_queue_size=8, batch_size=4,
                        queue_full_timeout=0.0) as t:
-        def produce(k):
-            for i in range(1500):
-                t.log_signal(make_signal(i, strategy=f"q{k}", metadata={"seq": i}))
-        threads = [threading.Thread(target=produce, args=(k,)) for k in range(4)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        produce_in_threads(t, 4, 1500, "q")
         assert t.flush(30)
         assert t.stats()["fallback_writes"] > 0
     all_rows = rows(db)
     assert len(all_rows) == 6000
     for k in range(4):
-        assert [json.loads(r["metadata"])["seq"] for r in all_rows if r["strategy"] == f"q{k}"] == list(range(1500))
+        assert seqs_of(all_rows, f"q{k}") == list(range(1500))
 
 
 def test_update_right_after_insert_lands(db):
