@@ -27,6 +27,8 @@ Update = Tuple[str, Dict[str, Any]]
 
 __all__ = ["spill_path", "append", "take", "pending_count"]
 
+LOCK_TIMEOUT = 10.0  # seconds to wait for another process's append or take
+
 
 def spill_path(db_path: str) -> str:
     return f"{db_path}.spill.jsonl"
@@ -39,7 +41,15 @@ def _locked(path: str) -> Iterator[None]:
         return
     fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise OSError(f"spill file lock {path}.lock still busy after {LOCK_TIMEOUT:.0f}s") from None
+                time.sleep(0.01)
         yield
     finally:
         os.close(fd)

@@ -19,6 +19,7 @@ from .signal import FINISHED_FIELDS, UPDATABLE
 
 __all__ = ["connect", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
            "SIGNAL_COLUMNS", "utc_now", "status_counts", "claim_due", "settle", "settle_many", "release",
+           "settle_refused",
            "reset_status"]
 
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}
@@ -264,6 +265,38 @@ def release(conn: sqlite3.Connection, row_id: int, token: str, error: Optional[s
             conn.execute("ROLLBACK")
         raise
     return status
+
+
+# What the receiver refuses for good, as SQL over pending unclaimed rows (see sync.precheck).
+_OFFLINE_RULES = (
+    ("skipped", "NEUTRAL signals are not synced", "action = 'NEUTRAL'"),
+    ("rejected", "action is not BUY or SELL", "action NOT IN ('BUY', 'SELL')"),
+    ("rejected", "symbol empty or longer than 20 characters (receiver refuses it)",
+     "length(trim(symbol)) = 0 OR length(trim(symbol)) > 20"),
+    ("rejected", "a price must be > 0 (receiver refuses it)",
+     "entry_price <= 0 OR target_price <= 0 OR stop_price <= 0"),
+    ("rejected", "confidence outside 0-100 (receiver refuses it)", "confidence < 0 OR confidence > 100"),
+    ("rejected", "reasoning shorter than 20 characters (receiver refuses it)",
+     "length(trim(reasoning)) BETWEEN 1 AND 19"),
+)
+
+
+def settle_refused(conn: sqlite3.Connection) -> int:
+    """Apply the transitions that need no network to pending, unclaimed rows; returns how many."""
+    total = 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for status, reason, cond in _OFFLINE_RULES:
+            cur = conn.execute(
+                f"UPDATE signals SET sync_status = ?, sync_error = ? WHERE sync_status = 'pending' "
+                f"AND sync_claim IS NULL AND ({cond})", (status, reason))
+            total += cur.rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return total
 
 
 def reset_status(conn: sqlite3.Connection, statuses: Iterable[str]) -> int:

@@ -437,19 +437,14 @@ class Syncer:
 
     # -- offline transitions, stop ---------------------------------------------------------
     def settle_offline(self) -> int:
-        """Mark pending rows that need no request: NEUTRAL -> skipped, refused -> rejected."""
+        """Mark pending rows that need no request: NEUTRAL -> skipped, refused -> rejected.
+
+        Done in SQL so that close() stays quick on a large backlog; the per-row ``precheck``
+        at claim time catches whatever this coarser pass leaves (e.g. Unicode whitespace).
+        """
         conn = store.connect(self.db_path, self.config.durability, self.config.busy_timeout)
         try:
-            conn.row_factory = _dict_row
-            n = 0
-            for row in conn.execute("SELECT id, signal_id, symbol, action, entry_price, target_price, "
-                                    "stop_price, confidence, reasoning FROM signals "
-                                    "WHERE sync_status = 'pending' AND sync_claim IS NULL").fetchall():
-                refused = precheck(row)
-                if refused is not None:
-                    store.settle(conn, row["id"], self._token, *refused)
-                    n += 1
-            return n
+            return store.settle_refused(conn)
         finally:
             conn.close()
 
@@ -563,7 +558,3 @@ def _detail(resp: requests.Response) -> str:
 def _last_result(retry_state: Any) -> Outcome:
     """When retries run out, the answer is the last outcome (never an exception)."""
     return retry_state.outcome.result()  # type: ignore[no-any-return]
-
-
-def _dict_row(cursor: Any, rec: tuple) -> Dict[str, Any]:
-    return {d[0]: v for d, v in zip(cursor.description, rec)}

@@ -257,6 +257,8 @@ class Writer:
             ok = True
         if ok:
             ok = self._write_sync(None, "close")  # whatever a dead or absent writer left queued
+        if thread is not None and thread.is_alive():
+            self._spill_what_is_held()
         held = len(self._q) + len(self._held)
         if not ok or held:
             log.error("close() returned before everything was written: %d entries still held "
@@ -264,6 +266,25 @@ class Writer:
             ok = False
         self._close_ok = ok
         return ok
+
+    def _spill_what_is_held(self) -> None:
+        """close() ran out of time while the writer is still busy: spill everything it holds
+        (queued and in flight) so that an exit now loses nothing.  If the writer's write then
+        succeeds as well, the replay finds those rows stored and skips them."""
+        entries = list(self._held) + list(self._q)
+        rows = [finish(p) for kind, p, _ in entries if kind == INSERT]
+        updates = [p for kind, p, _ in entries if kind == UPDATE]
+        if not rows and not updates:
+            return
+        try:
+            spill.append(self.spill_path, rows, updates)
+        except OSError as exc:
+            log.critical("close() timed out and the spill file %s is unwritable (%s): %d signals "
+                         "are only in memory", self.spill_path, exc, len(rows))
+            return
+        self.stats.spilled += len(rows)
+        log.error("close() timed out while the writer was still busy: %d signals and %d updates "
+                  "spilled to %s as a precaution", len(rows), len(updates), self.spill_path)
 
     # -- the thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -330,7 +351,10 @@ class Writer:
 
     def _tick(self) -> None:
         if self._degraded or os.path.exists(self.spill_path) or os.path.exists(self.spill_path + ".replaying"):
-            self.replay_spill()
+            try:
+                self.replay_spill()
+            except Exception:
+                log.exception("replaying the spill file failed; it is tried again on the next tick")
         if self.on_tick is not None:
             try:
                 self.on_tick()
@@ -513,7 +537,10 @@ class Writer:
             self.stats.persisted += result.inserted
             self.stats.duplicates += result.duplicates
             self.stats.rejected += len(result.rejected_rows)
-            os.remove(path)  # after the commit: a crash in between only replays no-ops
+            try:
+                os.remove(path)  # after the commit: a crash in between only replays no-ops
+            except FileNotFoundError:
+                pass  # another process replayed and removed the same file
             self._degraded = False
             log.warning("replayed %d spilled signals from %s (%d new, %d already stored)",
                         len(rows), self.spill_path, result.inserted, result.duplicates)

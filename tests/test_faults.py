@@ -262,3 +262,32 @@ def test_kill_9_loses_at_most_the_uncommitted_window(db):
     lost = [(sid, t) for sid, t in logged if sid not in stored]
     assert len(stored) > 0 and all(sid in stored for sid, t in logged if kill_time - t > batch_timeout + 0.3)
     assert all(kill_time - t <= batch_timeout + 0.3 for _, t in lost)
+
+
+def test_close_that_times_out_on_a_locked_database_spills_instead_of_losing(db):
+    out = run_script("""
+        import subprocess, sys, time
+        from argo_signals import SignalTracker
+        from argo_signals.store import connect, ensure_schema
+        ensure_schema(connect(sys.argv[1]))
+        locker = subprocess.Popen([sys.executable, "-c",
+            "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(8)", sys.argv[1]],
+            stdout=subprocess.PIPE, text=True)
+        assert locker.stdout.readline().strip() == "locked"
+        t = SignalTracker(sys.argv[1], batch_size=10, busy_timeout=3.0, register_atexit=False)
+        for i in range(100):
+            t.log_signal({"symbol": "AAPL", "action": "BUY", "entry_price": 1 + i, "confidence": 5})
+        start = time.monotonic()
+        ok = t.close(timeout=1.5)
+        print(ok, round(time.monotonic() - start, 1), t.stats()["spilled"])
+        locker.kill()
+    """, db, timeout=60)
+    assert out.returncode == 0, out.stderr
+    ok, took, spilled = out.stdout.split()
+    assert ok == "False" and float(took) < 2.5 and int(spilled) == 100
+    assert "spilled" in out.stderr
+    with SignalTracker(db, **QUIET) as t:
+        t.log_signal(make_signal(999))
+        assert t.flush(10)
+    assert count(db) == 101 and not spill_file(db).exists()

@@ -239,3 +239,16 @@ def test_parse_retry_after():
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
+
+
+def test_close_during_outage_applies_offline_transitions(db):
+    port = free_port()
+    t = SignalTracker(db, alpine_url=f"http://127.0.0.1:{port}", api_key=KEY,
+                      **{**FAST, "flush_interval": 3600, "batch_timeout": 3600})
+    t.log_signal(make_signal(1, action="NEUTRAL"))
+    t.log_signal(make_signal(2, reasoning="short"))
+    t.log_signal(make_signal(3, symbol="ABCDEFGHIJKLMNOPQRSTU"))
+    t.log_signal(make_signal(4))
+    assert t.close(10)
+    assert [r["sync_status"] for r in rows(db)] == ["skipped", "rejected", "rejected", "pending"]
+    assert "reasoning" in rows(db)[1]["sync_error"] and "symbol" in rows(db)[2]["sync_error"]
