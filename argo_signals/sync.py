@@ -11,6 +11,7 @@ import email.utils
 import json
 import logging
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -280,7 +281,12 @@ class Syncer:
                     room = min(room, self.claim_budget)
                 if room <= 0:
                     break
-                rows = store.claim_due(self._conn(), self._token, room, self.lease, self.forced_after)
+                try:
+                    rows = store.claim_due(self._conn(), self._token, room, self.lease, self.forced_after)
+                except sqlite3.OperationalError as exc:  # busy beyond the timeout: next nudge
+                    self.last_error = f"claim deferred: {exc}"
+                    log.warning("sync claim deferred (%s); retried on the next tick", exc)
+                    break
                 if not rows:
                     break
                 if self.forced_after is not None:

@@ -228,3 +228,25 @@ def test_two_trackers_on_one_file(db):
     a.close()
     b.close()
     assert count(db) == 500
+
+
+def test_busy_python_thread_does_not_starve_the_writer(db):
+    """A CPU-bound strategy thread holds the GIL for whole switch intervals; a writer that
+    released it once per row (executemany) would then wait ~5 ms per row."""
+    stop = threading.Event()
+
+    def spin():
+        x = 0
+        while not stop.is_set():
+            x += 1
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        with SignalTracker(db, **QUIET) as t:
+            for i in range(2000):
+                t.log_signal(make_signal(i))
+            assert t.flush(8), "2000 signals not committed within 8 s next to a busy thread"
+    finally:
+        stop.set()
+        spinner.join()
+    assert count(db) == 2000
