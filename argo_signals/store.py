@@ -229,8 +229,9 @@ def claim_due(conn: sqlite3.Connection, token: str, limit: int, lease: float,
             "AND (sync_claim_until IS NULL OR sync_claim_until < :now) ORDER BY id LIMIT :limit",
             {"now": now, "limit": limit, "after": after_id})] for rec in cur.fetchall()]
         if rows:
-            conn.executemany("UPDATE signals SET sync_claim = ?, sync_claim_until = ? WHERE id = ?",
-                             [(token, now + lease, r["id"]) for r in rows])
+            ids = [r["id"] for r in rows]
+            conn.execute(f"UPDATE signals SET sync_claim = ?, sync_claim_until = ? "
+                         f"WHERE id IN ({', '.join('?' * len(ids))})", (token, now + lease, *ids))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -249,13 +250,19 @@ def settle_many(conn: sqlite3.Connection, token: str,
                 outcomes: Sequence[Tuple[int, str, Optional[str]]]) -> None:
     """Record final outcomes [(row_id, status, error)] in one transaction."""
     now = utc_now()
+    groups: Dict[Tuple[str, Optional[str]], List[int]] = {}
+    for rid, status, error in outcomes:  # one statement per distinct outcome, not per row
+        groups.setdefault((status, error), []).append(rid)
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.executemany(
-            "UPDATE signals SET sync_status = ?, sync_error = ?, synced_at = ?, sync_claim = NULL, "
-            "sync_claim_until = NULL WHERE id = ? AND (sync_claim = ? OR sync_claim IS NULL)",
-            [(status, error, now if status == "synced" else None, rid, token)
-             for rid, status, error in outcomes])
+        for (status, error), ids in groups.items():
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                conn.execute(
+                    f"UPDATE signals SET sync_status = ?, sync_error = ?, synced_at = ?, sync_claim = NULL, "
+                    f"sync_claim_until = NULL WHERE (sync_claim = ? OR sync_claim IS NULL) "
+                    f"AND id IN ({', '.join('?' * len(chunk))})",
+                    (status, error, now if status == "synced" else None, token, *chunk))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
