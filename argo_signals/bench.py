@@ -117,7 +117,8 @@ def insert_all(tmp: str, rows: List[Dict[str, Any]], batch: int) -> float:
     for i in range(0, len(rows), batch):
         conn.execute("BEGIN IMMEDIATE")
         table.insert_all(rows[i:i + batch], batch_size=batch, ignore=True)
-        conn.execute("COMMIT")
+        if conn.in_transaction:  # sqlite-utils 3.x commits by itself
+            conn.execute("COMMIT")
     elapsed = time.perf_counter() - start
     conn.close()
     return len(rows) / elapsed

@@ -78,29 +78,24 @@ def connect(path: str, durability: str = "normal", busy_timeout: float = 5.0) ->
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create the tables and indexes if they do not exist (idempotent, multi-process safe)."""
+    """Create the tables and indexes if they do not exist (idempotent, multi-process safe:
+    every statement is ``IF NOT EXISTS``, so concurrent creators cannot collide)."""
     db = sqlite_utils.Database(conn)
     if db["signals"].exists() and db["rejected_signals"].exists():
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        signals = db.table("signals")
-        signals.create(
-            SIGNAL_COLUMNS, pk="id",
-            not_null={"signal_id", "symbol", "action", "entry_price", "confidence", "timestamp",
-                      "sha256", "created_at", "sync_status", "sync_attempts"},
-            defaults={"sync_status": "pending", "sync_attempts": 0}, if_not_exists=True)
-        signals.create_index(["signal_id"], unique=True, if_not_exists=True)
-        signals.create_index(["symbol", "timestamp"], if_not_exists=True)
-        signals.create_index(["sync_status"], if_not_exists=True)
-        signals.create_index(["created_at"], if_not_exists=True)
-        db.table("rejected_signals").create(
-            {"id": int, "signal_id": str, "payload": str, "reason": str, "rejected_at": str},
-            pk="id", if_not_exists=True)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    signals = db.table("signals")
+    signals.create(
+        SIGNAL_COLUMNS, pk="id",
+        not_null={"signal_id", "symbol", "action", "entry_price", "confidence", "timestamp",
+                  "sha256", "created_at", "sync_status", "sync_attempts"},
+        defaults={"sync_status": "pending", "sync_attempts": 0}, if_not_exists=True)
+    signals.create_index(["signal_id"], unique=True, if_not_exists=True)
+    signals.create_index(["symbol", "timestamp"], if_not_exists=True)
+    signals.create_index(["sync_status"], if_not_exists=True)
+    signals.create_index(["created_at"], if_not_exists=True)
+    db.table("rejected_signals").create(
+        {"id": int, "signal_id": str, "payload": str, "reason": str, "rejected_at": str},
+        pk="id", if_not_exists=True)
 
 
 def is_environment_error(exc: BaseException) -> bool:

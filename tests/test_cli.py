@@ -23,8 +23,17 @@ BIN = Path(sys.executable).parent
 KEY = "test-key-123"
 
 
+def runner():
+    """A CliRunner with stdout and stderr apart (click < 8.2 needs mix_stderr=False)."""
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
+
+
+
 def cli(*args, input=None, env=None):
-    return CliRunner().invoke(main, [str(a) for a in args], input=input, env=env, catch_exceptions=False)
+    return runner().invoke(main, [str(a) for a in args], input=input, env=env, catch_exceptions=False)
 
 
 def script(*args, env=None, timeout=60, **kw):
@@ -76,12 +85,12 @@ def test_ingest_jsonl_reports_bad_lines_and_keeps_good_ones(db, tmp_path):
         json.dumps(make_signal(3)),
         "[1, 2]",
     ]) + "\n")
-    r = CliRunner().invoke(main, ["ingest", str(src), "--db", str(db), "--quiet"])
+    r = runner().invoke(main, ["ingest", str(src), "--db", str(db), "--quiet"])
     assert r.exit_code == 1
     assert "line 2: action" in r.stderr and "line 3: not valid JSON" in r.stderr and "line 5" in r.stderr
     assert "2 accepted" in r.output
     assert count(db) == 2
-    r = CliRunner().invoke(main, ["ingest", str(src), "--db", str(tmp_path / "strict.db"), "--strict"])
+    r = runner().invoke(main, ["ingest", str(src), "--db", str(tmp_path / "strict.db"), "--strict"])
     assert r.exit_code == 1 and count(tmp_path / "strict.db") == 1
 
 
@@ -121,12 +130,12 @@ def test_export_filters_and_csv(db):
     assert [x["timestamp"] for x in recs] == ["2026-03-01T00:00:00+00:00"]
     r = cli("export", "--db", db, "--until", "2026-02-01T00:00:00+00:00", "--status", "pending")
     assert [json.loads(line)["symbol"] for line in r.stdout.splitlines()] == ["AAPL"]
-    r = CliRunner().invoke(main, ["export", "--db", str(db), "--since", "soon"])
-    assert r.exit_code == 2 and "--since" in r.output
+    r = runner().invoke(main, ["export", "--db", str(db), "--since", "soon"])
+    assert r.exit_code == 2 and "--since" in r.stderr
 
 
 def test_status_empty_and_missing(db, tmp_path):
-    r = CliRunner().invoke(main, ["status", "--db", str(tmp_path / "missing.db")])
+    r = runner().invoke(main, ["status", "--db", str(tmp_path / "missing.db")])
     assert r.exit_code == 1 and "no database at" in r.stderr and "Traceback" not in r.output
     from argo_signals.store import connect, ensure_schema
     ensure_schema(connect(str(db)))
@@ -178,7 +187,7 @@ def test_sync_command(db, alpine):
     seeded(db, 6)
     with SignalTracker(db, register_atexit=False) as t:
         t.log_signal(make_signal(50, action="NEUTRAL"))
-    r = CliRunner().invoke(main, ["sync", "--db", str(db), "--quiet"])
+    r = runner().invoke(main, ["sync", "--db", str(db), "--quiet"])
     assert r.exit_code == 1 and "no Alpine URL" in r.stderr
     r = cli("sync", "--db", db, "--alpine-url", alpine.url, "--json", env={"ARGO_API_KEY": KEY})
     data = json.loads(r.output)
@@ -213,7 +222,7 @@ def test_sync_as_a_real_process_with_limit(db, alpine):
 
 def test_sync_with_a_wrong_key_exits_1_and_does_not_leak_it(db, alpine):
     seeded(db, 1)
-    r = CliRunner().invoke(main, ["sync", "--db", str(db), "--alpine-url", alpine.url],
+    r = runner().invoke(main, ["sync", "--db", str(db), "--alpine-url", alpine.url],
                            env={"ARGO_API_KEY": "wrong-secret-key"})
     assert r.exit_code == 1 and "wrong-secret-key" not in r.output + r.stderr
     assert rows(db)[0]["sync_status"] == "pending"
@@ -226,7 +235,7 @@ def test_verify_finds_tampered_rows(db):
     conn.execute("UPDATE signals SET entry_price = 1.0 WHERE id = 3")
     conn.commit()
     conn.close()
-    r = CliRunner().invoke(main, ["verify", "--db", str(db), "--json"])
+    r = runner().invoke(main, ["verify", "--db", str(db), "--json"])
     data = json.loads(r.output)
     assert r.exit_code == 1 and data["mismatches"] == 1 and data["rows"][0]["id"] == 3
     out = script("verify", "--db", db)

@@ -209,8 +209,8 @@ def test_sigterm_and_sigint_close_within_budget_then_chain(db, sig, expected_rc)
                           handle_signals=True)
         for i in range(500):
             t.log_signal({"symbol": "AAPL", "action": "BUY", "entry_price": 1, "confidence": 1})
-        print("ready", flush=True)
         try:
+            print("ready", flush=True)
             time.sleep(60)
         except KeyboardInterrupt:
             sys.exit(130)
