@@ -111,6 +111,7 @@ class BatchResult:
     duplicates: int = 0
     rejected_rows: List[Tuple[Optional[str], str, str]] = field(default_factory=list)  # id, reason, payload
     unknown_updates: List[str] = field(default_factory=list)
+    refused_updates: List[str] = field(default_factory=list)  # named columns that cannot change
 
 
 def write_batch(conn: sqlite3.Connection, rows: Sequence[tuple],
@@ -128,6 +129,10 @@ def write_batch(conn: sqlite3.Connection, rows: Sequence[tuple],
     try:
         _insert(conn, [r + (created,) for r in rows], result)
         for sid, values in updates:
+            if not values or not UPDATABLE.issuperset(values):
+                # updates can come back from a spill file: never trust column names
+                result.refused_updates.append(sid)
+                continue
             cols = ", ".join(f"{k} = ?" for k in values)
             cur = conn.execute(f"UPDATE signals SET {cols} WHERE signal_id = ?", (*values.values(), sid))
             if cur.rowcount == 0:

@@ -87,6 +87,7 @@ class Writer:
     def _reset_state(self) -> None:
         self._q: Deque[Entry] = deque()
         self._lock = threading.Lock()          # held by whoever writes to SQLite
+        self._lock_owner: Optional[int] = None  # thread id while a caller writes synchronously
         self._state = threading.Lock()         # start / stop / restart decisions
         self._wake = threading.Event()
         self._space = threading.Condition(threading.Lock())
@@ -187,12 +188,20 @@ class Writer:
             if cause not in self._fallback_causes:
                 self._fallback_causes[cause] = True
                 log.warning("synchronous fallback (%s): the calling thread writes to SQLite", cause)
+        if self._lock_owner == threading.get_ident():
+            # re-entered from a signal handler that interrupted this thread's own write: the
+            # lock can never come free here, so keep everything safe in the spill file instead
+            if entry is not None:
+                self._q.append(entry)
+            self._spill_what_is_held()
+            return False
         if not self._lock.acquire(timeout=self.config.write_retry_budget + 5.0):
             if entry is not None:
                 self._q.append(entry)
             log.error("could not take the write lock within %.0fs; %d entries stay queued",
                       self.config.write_retry_budget + 5.0, len(self._q))
             return False
+        self._lock_owner = threading.get_ident()
         try:
             ok = True
             if entry is not None:
@@ -215,6 +224,7 @@ class Writer:
                 self._close_connection()
             return ok
         finally:
+            self._lock_owner = None
             self._lock.release()
             self._notify_space()
 
@@ -245,6 +255,13 @@ class Writer:
             thread = self._thread if self._running else None
             self._stop = True
         self._notify_space()
+        if self._lock_owner == threading.get_ident():
+            # called from a signal handler that interrupted this thread's own synchronous
+            # write: neither that write nor the writer thread can finish before we return
+            self._wake.set()
+            self._spill_what_is_held()
+            self._close_ok = False
+            return False
         budget = self.config.write_retry_budget + 1.0
         limit = budget if timeout is None else min(timeout, budget) if timeout > 0 else 0.0
         # a batch still failing near the deadline is spilled rather than left in memory
@@ -428,6 +445,9 @@ class Writer:
         for sid in result.unknown_updates:
             st.unknown_updates += 1
             log.warning("update_signal(%r): no such signal; update ignored", sid)
+        for sid in result.refused_updates:
+            st.rejected += 1
+            log.warning("update of %r names columns that cannot be updated; ignored", sid)
         if result.inserted and self.on_commit is not None:
             try:
                 self.on_commit(result.inserted)
@@ -533,18 +553,14 @@ class Writer:
                 log.debug("spill replay deferred: %s", exc)
                 return 0
             self.stats.replayed += len(rows)
-            self.stats.persisted += result.inserted
-            self.stats.duplicates += result.duplicates
-            self.stats.rejected += len(result.rejected_rows)
+            self._account(result, [], None)
             try:
                 os.remove(path)  # after the commit: a crash in between only replays no-ops
             except FileNotFoundError:
                 pass  # another process replayed and removed the same file
             self._degraded = False
-            log.warning("replayed %d spilled signals from %s (%d new, %d already stored)",
-                        len(rows), self.spill_path, result.inserted, result.duplicates)
-            if result.inserted and self.on_commit is not None:
-                self.on_commit(result.inserted)
+            log.warning("replayed %d spilled signals and %d updates from %s (%d new, %d already stored)",
+                        len(rows), len(updates), self.spill_path, result.inserted, result.duplicates)
             return len(rows)
         finally:
             self._lock.release()

@@ -291,3 +291,38 @@ def test_close_that_times_out_on_a_locked_database_spills_instead_of_losing(db):
         t.log_signal(make_signal(999))
         assert t.flush(10)
     assert count(db) == 101 and not spill_file(db).exists()
+
+
+def test_close_from_a_signal_handler_that_interrupted_a_fallback_write_spills(db):
+    """The handler runs on the thread that holds the write lock: waiting for it would hang."""
+    t = SignalTracker(db, **QUIET)
+    t.log_signal(make_signal(0))
+    assert t.flush(5)
+    w = t._writer
+    assert w._lock.acquire(timeout=1)
+    w._lock_owner = threading.get_ident()   # as if this thread were inside _write_sync
+    try:
+        for i in range(1, 6):
+            t.log_signal(make_signal(i))
+        start = time.monotonic()
+        assert t.close(5) is False
+        assert time.monotonic() - start < 1.0
+    finally:
+        w._lock_owner = None
+        w._lock.release()
+    assert len(spill_file(db).read_text().splitlines()) == 5
+    with SignalTracker(db, **QUIET) as t2:
+        t2.log_signal(make_signal(99))
+    assert count(db) == 7
+
+
+def test_spilled_update_cannot_name_arbitrary_columns(db, caplog):
+    with SignalTracker(db, **QUIET) as t:
+        sid = t.log_signal(make_signal(0, symbol="SAFE"))
+    spill_file(db).write_text(json.dumps({"update_of": sid, "fields": {"symbol = 'PWNED', outcome": "x"}}) + "\n")
+    with SignalTracker(db, **QUIET) as t:
+        t.log_signal(make_signal(1))
+        assert t.flush(5)
+        assert t.stats()["rejected"] == 1
+    assert rows(db)[0]["symbol"] == "SAFE" and not spill_file(db).exists()
+    assert "cannot be updated" in caplog.text
