@@ -254,3 +254,14 @@ def test_help_lists_every_command():
     r = cli("--help")
     for name in ("demo", "ingest", "status", "tail", "export", "sync", "verify", "bench"):
         assert name in r.output
+
+
+def test_ingest_and_export_as_real_processes(db, tmp_path):
+    lines = "\n".join(json.dumps(make_signal(i)) for i in range(4)) + "\n{bad\n"
+    out = script("ingest", "-", "--db", db, input=lines)
+    assert out.returncode == 1 and "line 5: not valid JSON" in out.stderr
+    assert "4 accepted" in out.stdout and count(db) == 4
+    target = tmp_path / "all.csv"
+    out = script("export", "--db", db, "--format", "csv", "-o", target)
+    assert out.returncode == 0 and "exported 4 signals" in out.stderr
+    assert len(list(csv.DictReader(target.open()))) == 4

@@ -250,3 +250,17 @@ def test_busy_python_thread_does_not_starve_the_writer(db):
         stop.set()
         spinner.join()
     assert count(db) == 2000
+
+
+def test_manual_flush_does_not_move_the_interval_tick(db):
+    with SignalTracker(db, **{**QUIET, "flush_interval": 1.0}) as t:
+        start = time.monotonic()
+        t.log_signal(make_signal(0))        # starts the writer: ticks at +1.0, +2.0, ...
+        time.sleep(0.5)
+        assert t.flush(5)                   # a manual flush at +0.5 ...
+        t.log_signal(make_signal(1))
+        assert wait_for(lambda: count(db) == 2, 3, 0.005)
+        committed = time.monotonic() - start
+        # ... leaves the tick at +1.0 (a moved tick would fire at +1.5)
+        assert committed < 1.3, f"committed at +{committed:.2f}s"
+        assert t.stats()["flushes"]["interval"] == 1
