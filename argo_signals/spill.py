@@ -72,15 +72,26 @@ def append(path: str, rows: Sequence[tuple], updates: Sequence[Update] = ()) -> 
 
 
 def pending_count(path: str) -> int:
-    """Lines waiting in the spill file and in one taken for a replay (0 when there is none)."""
-    n = 0
-    for p in (path, f"{path}.replaying"):
-        try:
-            with open(p, "rb") as f:
-                n += sum(1 for line in f if line.strip())
-        except FileNotFoundError:
-            pass
-    return n
+    """Lines waiting in the spill file and in one taken for a replay (0 when there is none).
+
+    Counted under the spill lock, so that a replay renaming the file meanwhile is not
+    counted twice."""
+    names = (path, f"{path}.replaying")
+    if not any(os.path.exists(p) for p in names):
+        return 0
+    try:
+        with _locked(path):
+            return sum(_count_lines(p) for p in names)
+    except OSError:
+        return sum(_count_lines(p) for p in names)
+
+
+def _count_lines(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    except FileNotFoundError:
+        return 0
 
 
 def take(path: str) -> Optional[Tuple[str, List[tuple], List[Update]]]:

@@ -70,6 +70,29 @@ def seqs_of(all_rows, strategy):
     return [json.loads(r["metadata"])["seq"] for r in all_rows if r["strategy"] == strategy]
 
 
+class LineReader:
+    """Read a subprocess's stdout lines with a timeout (a blocking readline could hang the suite)."""
+
+    def __init__(self, stream):
+        import queue
+        import threading
+        self._lines = queue.Queue()
+
+        def pump():
+            for line in stream:
+                self._lines.put(line)
+            self._lines.put(None)
+        threading.Thread(target=pump, daemon=True).start()
+
+    def readline(self, timeout=10.0):
+        import queue
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output line within {timeout}s") from None
+        return "" if line is None else line
+
+
 def run_script(code, *args, timeout=60, env=None, **kw):
     """Run ``code`` in a fresh interpreter (real process) and return the CompletedProcess."""
     full_env = dict(os.environ)

@@ -17,7 +17,7 @@ from argo_signals import SignalTracker
 from argo_signals.cli import main
 
 from argo_signals.testing import AlpineServer
-from conftest import count, make_signal, rows
+from conftest import LineReader, count, make_signal, rows
 
 BIN = Path(sys.executable).parent
 KEY = "test-key-123"
@@ -170,13 +170,13 @@ def test_tail_follow_prints_new_rows_until_ctrl_c(db):
     seeded(db, 2)
     proc = subprocess.Popen([str(BIN / "argo-signals"), "tail", "--db", str(db), "-f", "--interval", "0.1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = LineReader(proc.stdout)
     try:
-        assert proc.stdout.readline().startswith("id")
-        proc.stdout.readline(), proc.stdout.readline()
+        assert out.readline().startswith("id")
+        out.readline(), out.readline()
         with SignalTracker(db, register_atexit=False) as t:
-            sid = t.log_signal(make_signal(7, symbol="NEWROW"))
-        line = proc.stdout.readline()
-        assert "NEWROW" in line
+            t.log_signal(make_signal(7, symbol="NEWROW"))
+        assert "NEWROW" in out.readline()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(5) == 0
     finally:

@@ -13,7 +13,7 @@ import pytest
 
 from argo_signals import SignalTracker
 
-from conftest import count, make_signal, rows, run_script, spawn_script, wait_for
+from conftest import LineReader, count, make_signal, rows, run_script, spawn_script, wait_for
 
 QUIET = dict(batch_size=10_000, batch_timeout=3600, flush_interval=3600, register_atexit=False)
 
@@ -62,7 +62,7 @@ def test_locked_database_delays_writes_loses_nothing_producers_keep_going(db):
             time.sleep(float(sys.argv[2]))
             c.execute("COMMIT")
         """, db, 10)
-        assert locker.stdout.readline().strip() == "locked"
+        assert LineReader(locker.stdout).readline().strip() == "locked"
         start = time.monotonic()
         worst = 0.0
         for i in range(1, 2001):
@@ -215,7 +215,8 @@ def test_sigterm_and_sigint_close_within_budget_then_chain(db, sig, expected_rc)
         except KeyboardInterrupt:
             sys.exit(130)
     """, db)
-    assert proc.stdout.readline().strip() == "ready"
+    out = LineReader(proc.stdout)
+    assert out.readline().strip() == "ready"
     assert count(db) == 0
     start = time.monotonic()
     proc.send_signal(sig)
@@ -247,15 +248,19 @@ def test_kill_9_loses_at_most_the_uncommitted_window(db):
             print(sid, time.monotonic(), flush=True)
             time.sleep(0.01)
     """, db, batch_timeout)
+    out = LineReader(proc.stdout)
     logged = []
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
-        sid, t = proc.stdout.readline().split()
+        sid, t = out.readline().split()
         logged.append((sid, float(t)))
     proc.kill()
     proc.wait()
     kill_time = time.monotonic()
-    for line in proc.stdout.read().splitlines():
+    while True:
+        line = out.readline(timeout=5)
+        if not line:
+            break
         sid, t = line.split()
         logged.append((sid, float(t)))
     stored = {r["signal_id"] for r in rows(db)}

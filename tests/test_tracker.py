@@ -5,7 +5,7 @@ import time
 import argo_signals
 from argo_signals import SignalTracker
 
-from conftest import count, make_signal, rows, run_script, spawn_script, wait_for
+from conftest import LineReader, count, make_signal, rows, run_script, spawn_script, wait_for
 
 
 def test_script_that_logs_and_simply_ends_persists_everything(db):
@@ -56,10 +56,11 @@ def test_slow_producer_signals_durable_within_batch_timeout(db):
             time.sleep(0.1)
         time.sleep(30)
     """, db, batch_timeout)
+    out = LineReader(proc.stdout)
     try:
         worst = 0.0
         for _ in range(15):
-            sid, logged_at = proc.stdout.readline().split()
+            sid, logged_at = out.readline().split()
             ok = wait_for(lambda: bool(rows(db, "signal_id = ?", (sid,))), batch_timeout + 0.5, 0.005)
             assert ok, f"{sid} not durable within {batch_timeout + 0.5}s"
             worst = max(worst, time.time() - float(logged_at))

@@ -262,5 +262,5 @@ def test_manual_flush_does_not_move_the_interval_tick(db):
         assert wait_for(lambda: count(db) == 2, 3, 0.005)
         committed = time.monotonic() - start
         # ... leaves the tick at +1.0 (a moved tick would fire at +1.5)
-        assert committed < 1.3, f"committed at +{committed:.2f}s"
+        assert committed < 1.4, f"committed at +{committed:.2f}s"
         assert t.stats()["flushes"]["interval"] == 1
