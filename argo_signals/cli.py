@@ -56,7 +56,7 @@ def _open_existing(db_path: str) -> sqlite3.Connection:
         conn.execute("SELECT 1 FROM signals LIMIT 1")
     except sqlite3.Error as exc:
         conn.close()
-        raise click.ClickException(f"{db_path} is not an argo-signals database ({exc})")
+        raise click.ClickException(f"{db_path} is not an argo-signals database ({exc})") from None
     return conn
 
 
@@ -339,7 +339,7 @@ def export(db_path: str, fmt: str, since: Optional[str], until: Optional[str], s
             clauses.append("timestamp < ?")
             params.append(format_timestamp(until, "--until"))
     except SignalValidationError as exc:
-        raise click.BadParameter(str(exc))
+        raise click.BadParameter(str(exc)) from None
     if symbol:
         clauses.append("symbol = ?")
         params.append(symbol)
@@ -394,7 +394,7 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
     try:
         syncer = Syncer(db_path, SyncConfig(url, os.environ.get("ARGO_API_KEY")))
     except ValueError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from None
     todo = sync_state(db_path)["sync_pending"]
     if limit is not None:
         todo = min(todo, limit)

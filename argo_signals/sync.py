@@ -34,7 +34,6 @@ log = logging.getLogger("argo_signals")
 SIGNAL_PATH = "/api/v1/external-signals/sync/signal"
 HEALTH_PATH = "/api/v1/external-signals/sync/health"
 RETRYABLE_STATUS = frozenset((408, 425, 429, 500, 502, 503, 504))
-SETTLED = ("synced", "skipped")
 
 
 @dataclass

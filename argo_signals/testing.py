@@ -23,14 +23,15 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-SIGNAL_PATH = "/api/v1/external-signals/sync/signal"
-HEALTH_PATH = "/api/v1/external-signals/sync/health"
+from typing import Any, Dict, List, Optional, Tuple
 
+from .sync import HEALTH_PATH, SIGNAL_PATH
 
 __all__ = ["AlpineServer", "receiver_hash", "free_port", "SIGNAL_PATH", "HEALTH_PATH"]
 
 
-def receiver_hash(body):
+def receiver_hash(body: Dict[str, Any]) -> str:
+    """The hash as the receiver recomputes it from a parsed request body."""
     target = body.get("target_price") if body.get("target_price") is not None else body.get("take_profit")
     stop = body.get("stop_price") if body.get("stop_price") is not None else body.get("stop_loss")
     fields = {
@@ -49,10 +50,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body are separate writes: avoid 40 ms ACK stalls
 
-    def log_message(self, *args):  # keep test output quiet
+    def log_message(self, *args: Any) -> None:  # keep test output quiet
         pass
 
-    def _answer(self, status, body, headers=None):
+    def _answer(self, status: int, body: Any, headers: Optional[Dict[str, str]] = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -62,13 +63,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self):
+    def do_GET(self) -> None:
         if self.path == HEALTH_PATH:
             return self._answer(200, {"status": "healthy"})
         self._answer(404, {"detail": "Not Found"})
 
-    def do_POST(self):
-        srv = self.server.alpine
+    def do_POST(self) -> None:
+        srv: AlpineServer = self.server.alpine  # type: ignore[attr-defined]
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
         if self.path != SIGNAL_PATH:
@@ -131,61 +132,67 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class AlpineServer:
-    def __init__(self, api_key="test-key-123", port=0):
+    def __init__(self, api_key: str = "test-key-123", port: int = 0) -> None:
         self.api_key = api_key
         self.lock = threading.Lock()
-        self.stored = {}
-        self.stored_order = []
-        self.requests = []
+        self.stored: Dict[str, Dict[str, Any]] = {}
+        self.stored_order: List[str] = []
+        self.requests: List[Dict[str, Any]] = []
         self.duplicates = 0
-        self.faults = []
+        self.faults: List[Tuple[int, Any, Dict[str, str]]] = []
         self.delay = 0.0
         self.port = port
-        self._httpd = None
-        self._thread = None
+        self._httpd: Optional[ThreadingHTTPServer] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def __repr__(self) -> str:
+        return f"AlpineServer({self.url!r})"
 
     @property
-    def url(self):
+    def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self):
-        class Server(ThreadingHTTPServer):
+    def start(self) -> "AlpineServer":
+        class Server(ThreadingHTTPServer):  # noqa: D401
             daemon_threads = True
             allow_reuse_address = True
         self._httpd = Server(("127.0.0.1", self.port), _Handler)
-        self._httpd.alpine = self
+        self._httpd.alpine = self  # type: ignore[attr-defined]
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
         self._thread.start()
         return self
 
-    def stop(self):
+    def stop(self) -> None:
         """Go down: stop accepting; connections are refused until start() again."""
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
 
-    def record_request(self, headers, raw):
+    def record_request(self, headers: Any, raw: bytes) -> None:
         with self.lock:
             self.requests.append({"time": time.monotonic(), "headers": dict(headers), "raw": raw})
 
-    def fail(self, status, times=1, body=None, headers=None):
+    def fail(self, status: int, times: int = 1, body: Any = None,
+             headers: Optional[Dict[str, str]] = None) -> None:
+        """Answer the next ``times`` requests with ``status`` (before any check)."""
         with self.lock:
             for _ in range(times):
                 self.faults.append((status, body or {"detail": f"injected {status}"}, headers or {}))
 
-    def next_fault(self):
+    def next_fault(self) -> Optional[Tuple[int, Any, Dict[str, str]]]:
         with self.lock:
             return self.faults.pop(0) if self.faults else None
 
-    def stored_ids(self):
+    def stored_ids(self) -> List[str]:
         with self.lock:
             return list(self.stored_order)
 
 
-def free_port():
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

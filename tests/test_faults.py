@@ -2,9 +2,7 @@
 SIGTERM and kill -9 — in real processes against real files."""
 import json
 import logging
-import os
 import signal
-import sqlite3
 import threading
 import time
 from pathlib import Path

@@ -5,7 +5,7 @@ import math
 import sqlite3
 import tempfile
 import threading
-from datetime import datetime, timezone
+from datetime import timezone
 from decimal import Decimal
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """Alpine sync against a real loopback HTTP server that speaks the contract."""
 import json
 import logging
-import sqlite3
 import time
 from decimal import Decimal
 

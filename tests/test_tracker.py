@@ -1,5 +1,4 @@
 """Lifecycle in real processes: atexit, exceptions in `with`, the durability window, module API."""
-import sqlite3
 import time
 
 import argo_signals
@@ -61,7 +60,7 @@ def test_slow_producer_signals_durable_within_batch_timeout(db):
         worst = 0.0
         for _ in range(15):
             sid, logged_at = out.readline().split()
-            ok = wait_for(lambda: bool(rows(db, "signal_id = ?", (sid,))), batch_timeout + 0.5, 0.005)
+            ok = wait_for(lambda sid=sid: bool(rows(db, "signal_id = ?", (sid,))), batch_timeout + 0.5, 0.005)
             assert ok, f"{sid} not durable within {batch_timeout + 0.5}s"
             worst = max(worst, time.time() - float(logged_at))
         assert worst <= batch_timeout + 0.5
