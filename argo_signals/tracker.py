@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import signal as _signal
+import multiprocessing.util
 import sqlite3
 import threading
 import time
@@ -106,6 +107,10 @@ class SignalTracker:
             atexit.register(self._atexit_fn)
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=_fork_hook(weakref.ref(self)))
+        if register_atexit:
+            # multiprocessing ends its children with os._exit(), which runs no atexit hook;
+            # its own finalizers do run first, so a child closes its copy there
+            multiprocessing.util.register_after_fork(self, SignalTracker._in_multiprocessing_child)
         if handle_signals:
             self.install_signal_handlers()
         if self._syncer is not None:
@@ -221,6 +226,11 @@ class SignalTracker:
                     os.kill(os.getpid(), num)
 
             _signal.signal(signum, handler)
+
+    def _in_multiprocessing_child(self) -> None:
+        self._after_fork()
+        multiprocessing.util.Finalize(None, _exit_hook(weakref.ref(self), self._writer, self._syncer,
+                                                       self.atexit_timeout), exitpriority=10)
 
     def _after_fork(self) -> None:
         """In a forked child: start empty, with fresh locks, connection, sessions and executor."""

@@ -329,3 +329,24 @@ def test_spilled_update_cannot_name_arbitrary_columns(db, caplog):
         assert t.stats()["rejected"] == 1
     assert rows(db)[0]["symbol"] == "SAFE" and not spill_file(db).exists()
     assert "cannot be updated" in caplog.text
+
+
+def test_multiprocessing_fork_child_persists_without_calling_close(db):
+    out = run_script("""
+        import multiprocessing, sys
+        from argo_signals import SignalTracker
+        t = SignalTracker(sys.argv[1], batch_size=10_000, batch_timeout=3600, flush_interval=3600)
+
+        def child():
+            for i in range(30):
+                t.log_signal({"symbol": "KID", "action": "BUY", "entry_price": 1, "confidence": 1})
+            # no flush, no close: multiprocessing ends the child with os._exit()
+
+        p = multiprocessing.get_context("fork").Process(target=child)
+        p.start()
+        p.join(30)
+        print(p.exitcode)
+    """, db)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0"]
+    assert count(db) == 30
