@@ -162,7 +162,7 @@ class Writer:
             if now < self._broken_until:
                 return "writer thread keeps dying"
             if self._thread is not None:  # it ran before: this is a restart
-                if now - self._started_at < self.RESTART_GRACE:
+                if self._restarts and now - self._started_at < self.RESTART_GRACE:
                     self._broken_until = now + self.BROKEN_COOLDOWN
                     log.error("writer thread died again %.1fs after a restart; callers write "
                               "synchronously for %.0fs", now - self._started_at, self.BROKEN_COOLDOWN)

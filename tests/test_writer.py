@@ -176,7 +176,6 @@ def test_writer_killed_by_injected_error_restarts_and_loses_nothing(db, caplog):
     t = SignalTracker(db, **{**QUIET, "batch_size": 10})
     t.log_signal(make_signal(0))
     assert wait_for(lambda: t._writer.running, 2)
-    t._writer.RESTART_GRACE = 0.0
     real = t._writer._commit
     calls = []
 
@@ -264,3 +263,26 @@ def test_manual_flush_does_not_move_the_interval_tick(db):
         # ... leaves the tick at +1.0 (a moved tick would fire at +1.5)
         assert committed < 1.4, f"committed at +{committed:.2f}s"
         assert t.stats()["flushes"]["interval"] == 1
+
+
+def test_writer_dying_again_right_after_restart_makes_callers_write(db, caplog):
+    t = SignalTracker(db, **{**QUIET, "batch_size": 5})
+    real = t._writer._commit
+
+    def broken_in_writer_thread(rows, updates):
+        if threading.current_thread().name == "argo-signals-writer":
+            raise RuntimeError("injected: the writer thread always fails")
+        return real(rows, updates)
+    t._writer._commit = broken_in_writer_thread
+    for i in range(5):
+        t.log_signal(make_signal(i))          # size trigger: the writer dies
+    assert wait_for(lambda: not t._writer.running, 3)
+    for i in range(5, 10):
+        t.log_signal(make_signal(i))          # first death: restarted, and it dies again at once
+    assert wait_for(lambda: not t._writer.running, 3)
+    t.log_signal(make_signal(10))             # died right after a restart: this caller writes
+    assert t.stats()["writer_restarts"] == 1
+    assert t.stats()["fallback_writes"] >= 1
+    assert count(db) == 11                    # nothing the dead writers held was lost
+    assert "keeps dying" in caplog.text or "died again" in caplog.text
+    t.close()
