@@ -25,3 +25,11 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
     import sqlite3
     assert sqlite3.connect(tmp_path / "signals.db").execute("SELECT order_id FROM signals").fetchall() == [("X-1",)]
     assert sqlite3.connect(tmp_path / "default.db").execute("SELECT count(*) FROM signals").fetchone() == (1,)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (DOCS.parent / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv")]
+    assert len(commands) == 2 and commands[0].endswith("argo-signals demo")
+    ci = (DOCS.parent / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in ci
