@@ -243,19 +243,11 @@ def normalise(signal: Mapping[str, Any]) -> tuple:
     elif type(asset_type) is not str or not asset_type.isascii():
         _text("asset_type", asset_type)
 
-    data_source = get("data_source")
-    regime = get("regime")
-    reasoning = get("reasoning")
-    service_type = get("service_type")
-    executor_id = get("executor_id")
-    generated_by = get("generated_by")
-    order_id = get("order_id")
-    outcome = get("outcome")
-    for name, v in (("data_source", data_source), ("regime", regime), ("reasoning", reasoning),
-                    ("service_type", service_type), ("executor_id", executor_id),
-                    ("generated_by", generated_by), ("order_id", order_id), ("outcome", outcome)):
+    texts = tuple(map(get, _TEXT_FIELDS))
+    for name, v in zip(_TEXT_FIELDS, texts):
         if v is not None and (type(v) is not str or not v.isascii()):
             _text(name, v)
+    regime, reasoning, service_type, executor_id, generated_by, order_id, outcome, data_source = texts
     exit_price = get("exit_price")
     if exit_price is not None:
         exit_price = _price("exit_price", exit_price)
@@ -322,18 +314,26 @@ def alpine_hash(signal_id: str, symbol: str, action: str, entry_price: float,
     action = action.upper()
     if (type(signal_id) is str and type(symbol) is str and type(strategy) is str
             and type(timestamp) is str):
-        text = (f'{{"action": {_esc(action)}, "confidence": {confidence!r}, '
-                f'"entry_price": {entry_price!r}, "signal_id": {_esc(signal_id)}, '
-                f'"stop_price": {"null" if stop_price is None else repr(stop_price)}, '
-                f'"strategy": {_esc(strategy)}, "symbol": {_esc(symbol)}, '
-                f'"target_price": {"null" if target_price is None else repr(target_price)}, '
-                f'"timestamp": {_esc(timestamp)}}}')
+        text = _hash_text(signal_id, symbol, action, entry_price, target_price, stop_price,
+                          confidence, strategy, timestamp)
     else:
         text = json.dumps({
             "signal_id": signal_id, "symbol": symbol, "action": action, "entry_price": entry_price,
             "target_price": target_price, "stop_price": stop_price, "confidence": confidence,
             "strategy": strategy, "timestamp": timestamp}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _hash_text(signal_id: str, symbol: str, action: str, entry_price: float,
+               target_price: Optional[float], stop_price: Optional[float], confidence: float,
+               strategy: str, timestamp: str) -> str:
+    """``json.dumps(fields, sort_keys=True)`` for str fields and float numbers, built directly."""
+    return (f'{{"action": {_esc(action)}, "confidence": {confidence!r}, '
+            f'"entry_price": {entry_price!r}, "signal_id": {_esc(signal_id)}, '
+            f'"stop_price": {"null" if stop_price is None else repr(stop_price)}, '
+            f'"strategy": {_esc(strategy)}, "symbol": {_esc(symbol)}, '
+            f'"target_price": {"null" if target_price is None else repr(target_price)}, '
+            f'"timestamp": {_esc(timestamp)}}}')
 
 
 _ts_cache: Tuple[int, str] = (-1, "")
@@ -360,12 +360,7 @@ def finish(row: tuple) -> tuple:
         ts = _utc_iso(ts)
         row = row[:10] + (ts,) + row[11:]
     sid, symbol, action, entry, target, stop, confidence, strategy = row[:8]
-    text = (f'{{"action": {_esc(action)}, "confidence": {confidence!r}, '
-            f'"entry_price": {entry!r}, "signal_id": {_esc(sid)}, '
-            f'"stop_price": {"null" if stop is None else repr(stop)}, '
-            f'"strategy": {_esc(strategy)}, "symbol": {_esc(symbol)}, '
-            f'"target_price": {"null" if target is None else repr(target)}, '
-            f'"timestamp": {_esc(ts)}}}')
+    text = _hash_text(sid, symbol, action, entry, target, stop, confidence, strategy, ts)
     return row + (_sha256(text.encode()).hexdigest(),)
 
 

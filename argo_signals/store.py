@@ -6,12 +6,13 @@ one ``BEGIN IMMEDIATE`` transaction per batch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import sqlite_utils
 
@@ -77,6 +78,19 @@ def connect(path: str, durability: str = "normal", busy_timeout: float = 5.0) ->
     return conn
 
 
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # SQLite may have rolled back already (e.g. SQLITE_FULL)
+            conn.execute("ROLLBACK")
+        raise
+
+
 def ensure_schema(conn: sqlite3.Connection) -> None:
     """Create the tables and indexes if they do not exist (idempotent, multi-process safe:
     every statement is ``IF NOT EXISTS``, so concurrent creators cannot collide)."""
@@ -125,8 +139,7 @@ def write_batch(conn: sqlite3.Connection, rows: Sequence[tuple],
     """
     result = BatchResult()
     created = utc_now()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         _insert(conn, [r + (created,) for r in rows], result)
         for sid, values in updates:
             if not values or not UPDATABLE.issuperset(values):
@@ -141,11 +154,6 @@ def write_batch(conn: sqlite3.Connection, rows: Sequence[tuple],
             conn.executemany(
                 "INSERT INTO rejected_signals (signal_id, payload, reason, rejected_at) VALUES (?, ?, ?, ?)",
                 [(sid, payload, reason, created) for sid, reason, payload in result.rejected_rows])
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return result
 
 
@@ -222,8 +230,7 @@ def claim_due(conn: sqlite3.Connection, token: str, limit: int, lease: float,
     now = time.time() if now is None else now
     due = ("AND (sync_next_at IS NULL OR sync_next_at <= :now)" if after_id is None
            else "AND id > :after")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         rows = [dict(zip([d[0] for d in cur.description], rec)) for cur in [conn.execute(
             f"SELECT * FROM signals WHERE sync_status = 'pending' {due} "
             "AND (sync_claim_until IS NULL OR sync_claim_until < :now) ORDER BY id LIMIT :limit",
@@ -232,11 +239,6 @@ def claim_due(conn: sqlite3.Connection, token: str, limit: int, lease: float,
             ids = [r["id"] for r in rows]
             conn.execute(f"UPDATE signals SET sync_claim = ?, sync_claim_until = ? "
                          f"WHERE id IN ({', '.join('?' * len(ids))})", (token, now + lease, *ids))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return rows
 
 
@@ -253,8 +255,7 @@ def settle_many(conn: sqlite3.Connection, token: str,
     groups: Dict[Tuple[str, Optional[str]], List[int]] = {}
     for rid, status, error in outcomes:  # one statement per distinct outcome, not per row
         groups.setdefault((status, error), []).append(rid)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         for (status, error), ids in groups.items():
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
@@ -263,22 +264,15 @@ def settle_many(conn: sqlite3.Connection, token: str,
                     f"sync_claim_until = NULL WHERE (sync_claim = ? OR sync_claim IS NULL) "
                     f"AND id IN ({', '.join('?' * len(chunk))})",
                     (status, error, now if status == "synced" else None, token, *chunk))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def release(conn: sqlite3.Connection, row_id: int, token: str, error: Optional[str],
             count_attempt: bool, next_at: Optional[float], max_attempts: int) -> str:
     """Give a claimed row back unsettled; returns its new status (pending or failed)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         cur = conn.execute("SELECT sync_attempts FROM signals WHERE id = ? AND sync_claim = ?",
                            (row_id, token)).fetchone()
         if cur is None:
-            conn.execute("COMMIT")
             return "lost-claim"
         attempts = cur[0] + (1 if count_attempt else 0)
         status = "failed" if attempts >= max_attempts else "pending"
@@ -286,11 +280,6 @@ def release(conn: sqlite3.Connection, row_id: int, token: str, error: Optional[s
             "UPDATE signals SET sync_status = ?, sync_attempts = ?, sync_error = ?, "
             "sync_next_at = ?, sync_claim = NULL, sync_claim_until = NULL WHERE id = ?",
             (status, attempts, error, next_at, row_id))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return status
 
 
@@ -311,18 +300,12 @@ _OFFLINE_RULES = (
 def settle_refused(conn: sqlite3.Connection) -> int:
     """Apply the transitions that need no network to pending, unclaimed rows; returns how many."""
     total = 0
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         for status, reason, cond in _OFFLINE_RULES:
             cur = conn.execute(
                 f"UPDATE signals SET sync_status = ?, sync_error = ? WHERE sync_status = 'pending' "
                 f"AND sync_claim IS NULL AND ({cond})", (status, reason))
             total += cur.rowcount
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return total
 
 

@@ -285,9 +285,10 @@ class Writer:
         return ok
 
     def _spill_what_is_held(self) -> None:
-        """close() ran out of time while the writer is still busy: spill everything it holds
-        (queued and in flight) so that an exit now loses nothing.  If the writer's write then
-        succeeds as well, the replay finds those rows stored and skips them."""
+        """Spill everything held, queued and in flight, when a write cannot finish before we
+        return: close() ran out of time while the writer is busy, or a signal handler
+        interrupted its own thread's write.  If that write then succeeds as well, the replay
+        finds those rows stored and skips them."""
         entries = list(self._held) + list(self._q)
         rows = [finish(p) for kind, p, _ in entries if kind == INSERT]
         updates = [p for kind, p, _ in entries if kind == UPDATE]
