@@ -9,10 +9,11 @@ from __future__ import annotations
 import threading
 from typing import Any, Dict, Mapping, Optional
 
+from .config import Config
 from .signal import SignalValidationError, alpine_hash, new_signal_id, normalise
 from .tracker import SignalTracker, default_db_path
 
-__all__ = ["SignalTracker", "SignalValidationError", "log_signal", "update_signal", "flush",
+__all__ = ["SignalTracker", "Config", "SignalValidationError", "log_signal", "update_signal", "flush",
            "close", "stats", "get_tracker", "alpine_hash", "new_signal_id", "normalise",
            "default_db_path", "__version__"]
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ import click
 
 from . import spill
 from .signal import SignalValidationError, alpine_hash
+from .sink import UNSAVED_PREFIX
 from .stats import percentile
 from .tracker import SignalTracker, default_db_path, sync_state
 
@@ -172,7 +173,10 @@ def _r(v: Optional[float]) -> Optional[float]:
 @json_option
 @quiet_option
 def ingest(source: io.TextIOBase, db_path: str, as_csv: bool, strict: bool, as_json: bool, quiet: bool) -> None:
-    """Load signals from JSON Lines (or CSV) FILE, or - for stdin, through log_signal()."""
+    """Load signals from JSON Lines (or CSV) FILE, or - for stdin, through log_signal().
+
+    Lines that close() printed as 'argo-signals-unsaved: {...}' (when neither the database
+    nor the spill file could be written) are read as they are, prefix included."""
     records = _csv_records(source) if as_csv else _jsonl_records(source)
     good = bad = 0
     with SignalTracker(db_path, register_atexit=False) as tracker:
@@ -181,7 +185,10 @@ def ingest(source: io.TextIOBase, db_path: str, as_csv: bool, strict: bool, as_j
                 try:
                     if isinstance(record, Exception):
                         raise record
-                    tracker.log_signal(_strip_stored(record))
+                    if "update_of" in record:   # from an "argo-signals-unsaved:" line
+                        tracker.update_signal(record["update_of"], **(record.get("fields") or {}))
+                    else:
+                        tracker.log_signal(_strip_stored(record))
                     good += 1
                 except (SignalValidationError, TypeError, ValueError) as exc:
                     bad += 1
@@ -219,6 +226,8 @@ def _jsonl_records(source: io.TextIOBase) -> Iterator[Any]:
     for lineno, line in enumerate(source, 1):
         if not line.strip():
             continue
+        if line.startswith(UNSAVED_PREFIX):  # what close() printed when nothing was writable
+            line = line[len(UNSAVED_PREFIX):]
         try:
             obj = json.loads(line)
         except ValueError as exc:

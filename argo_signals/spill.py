@@ -1,10 +1,12 @@
 """The spill file: where signals wait while the database cannot be written.
 
-``<db>.spill.jsonl`` holds one JSON object per line (a finished signal row), appended and
-fsync'd under an advisory lock so that several trackers and processes can share it.  A
-replay takes the file whole (rename under the lock), hands its rows back, and the caller
-deletes the taken file once they are committed.  A torn last line, left by a crash in the
-middle of an append, is moved aside to ``<db>.spill.jsonl.torn-<time>`` and reported.
+``<db>.spill.jsonl`` (or the tracker's ``spill_path``) holds one JSON object per line (a
+finished signal row, or ``{"update_of": id, "fields": {...}}``), appended and fsync'd under an
+advisory lock so that several trackers and processes can share it.  A replay takes the file
+whole (rename under the lock), checks every line again with the rules of ``log_signal()``,
+hands the valid entries back, and the caller deletes the taken file once they are committed.
+A line that is not a valid entry is moved to ``<spill>.bad`` with its reason logged; a torn
+last line, left by a crash in the middle of an append, goes to ``<spill>.torn-<time>``.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from datetime import datetime
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from .signal import FINISHED_FIELDS
+from .signal import FIELDS, FINISHED_FIELDS, finish, normalise, normalise_update
 
 try:  # POSIX advisory locks; elsewhere a single process is assumed
     import fcntl
@@ -25,7 +28,7 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger("argo_signals")
 Update = Tuple[str, Dict[str, Any]]
 
-__all__ = ["spill_path", "append", "take", "pending_count"]
+__all__ = ["spill_path", "append", "take", "pending_count", "entry_from_json", "Taken", "give_back"]
 
 LOCK_TIMEOUT = 10.0  # seconds to wait for another process's append or take
 
@@ -94,10 +97,17 @@ def _count_lines(path: str) -> int:
         return 0
 
 
-def take(path: str) -> Optional[Tuple[str, List[tuple], List[Update]]]:
-    """Claim the spill file for replay: (taken_path, rows, updates), or None when there is none.
+class Taken(NamedTuple):
+    path: str                  # the taken file: remove it once ``rows`` and ``updates`` are committed
+    rows: List[tuple]
+    updates: List[Update]
+    bad: int                   # lines moved to ``<spill>.bad``
 
-    The caller commits the rows and then removes ``taken_path``; if it cannot, the next
+
+def take(path: str) -> Optional[Taken]:
+    """Claim the spill file for replay, or None when there is none.
+
+    The caller commits the rows and then removes ``Taken.path``; if it cannot, the next
     ``take`` finds the taken file again (it is replayed before any newer spill).
     """
     taken = f"{path}.replaying"
@@ -111,28 +121,74 @@ def take(path: str) -> Optional[Tuple[str, List[tuple], List[Update]]]:
             data = f.read()
     rows: List[tuple] = []
     updates: List[Update] = []
+    bad = 0
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-            if "update_of" in obj:
-                updates.append((obj["update_of"], obj["fields"]))
-            else:
-                rows.append(tuple(obj.get(k) for k in FINISHED_FIELDS))
-        except (ValueError, AttributeError):
-            _set_aside(path, line, f"line {n} is not a JSON object")
+            kind, entry = entry_from_json(line)
+        except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
+            bad += 1
+            _set_aside(f"{path}.bad", line, f"line {n} of {taken} is not a valid entry ({exc})")
+            continue
+        if kind == "update":
+            updates.append(entry)
+        else:
+            rows.append(entry)
     if tail.strip():
-        _set_aside(path, tail, "torn last line (a write was interrupted)")
-    return taken, rows, updates
+        _set_aside(f"{path}.torn-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}", tail,
+                   "torn last line (a write was interrupted)")
+    return Taken(taken, rows, updates, bad)
 
 
-def _set_aside(path: str, data: bytes, why: str) -> None:
-    aside = f"{path}.torn-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+def give_back(taken: Taken, path: str) -> None:
+    """A replay that could not commit: the taken lines go back in front of any newer spill."""
+    with _locked(path):
+        try:
+            with open(path, "rb") as f:
+                newer = f.read()
+        except FileNotFoundError:
+            newer = b""
+        if newer:
+            with open(taken.path, "ab") as f:
+                f.write(newer)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(taken.path, path)
+
+
+def entry_from_json(line: bytes) -> Tuple[str, Any]:
+    """One spill line checked again with ``log_signal()``'s rules: ("row", finished tuple) or
+    ("update", (signal_id, fields)).  Raises ValueError (or TypeError) naming the problem."""
+    obj = json.loads(line)
+    if not isinstance(obj, dict):
+        raise ValueError(f"not a JSON object: {type(obj).__name__}")
+    if "update_of" in obj:
+        sid, fields = obj["update_of"], obj.get("fields")
+        if not isinstance(sid, str) or not sid:
+            raise ValueError("update_of must be a non-empty string")
+        if not isinstance(fields, dict):
+            raise ValueError("fields must be an object")
+        return "update", (sid, normalise_update(fields))
+    signal: Dict[str, Any] = {k: v for k, v in obj.items() if k in FIELDS and v is not None}
+    meta = signal.pop("metadata", None)
+    if meta is not None:
+        meta = json.loads(meta)
+        if not isinstance(meta, dict):
+            raise ValueError("metadata must hold a JSON object")
+        signal["metadata"] = meta
+    row = normalise(signal)
+    stamp = obj.get("timestamp")
+    if isinstance(stamp, str) and datetime.fromisoformat(stamp) == datetime.fromisoformat(row[10]):
+        row = row[:10] + (stamp,) + row[11:]   # keep the text that was hashed
+    return "row", finish(row)   # the hash is computed again from the checked content
+
+
+def _set_aside(aside: str, data: bytes, why: str) -> None:
     with open(aside, "ab") as f:
         f.write(data + b"\n")
         f.flush()
         os.fsync(f.fileno())
-    log.error("spill file %s: %s; kept aside in %s for inspection", path, why, aside)
+    log.error("spill file: %s; kept aside in %s for inspection", why, aside)

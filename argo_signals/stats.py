@@ -28,6 +28,8 @@ class Stats:
         self.writer_restarts = 0
         self.spilled = 0
         self.replayed = 0
+        self.spill_bad = 0          # spill lines set aside to <spill>.bad
+        self.unsaved = 0            # printed to stderr: neither database nor spill could be written
         self.flushes: Dict[str, int] = {r: 0 for r in FLUSH_REASONS}
         self.last_error: Optional[str] = None
         self.latencies: Deque[float] = deque(maxlen=50_000)  # seconds, log_signal() -> commit
@@ -46,6 +48,8 @@ class Stats:
             "writer_restarts": self.writer_restarts,
             "spilled": self.spilled,
             "replayed": self.replayed,
+            "spill_bad": self.spill_bad,
+            "unsaved": self.unsaved,
             "flushes": dict(self.flushes),
             "last_error": self.last_error,
             "latency_ms": {"p50": None if p50 is None else round(p50 * 1000, 3),

@@ -27,7 +27,7 @@ from tenacity import (Retrying, retry_if_result, stop_after_attempt, stop_before
                       wait_exponential, wait_random)
 
 from . import store
-from .writer import interpreter_exiting
+from .lifecycle import EXITING as interpreter_exiting
 
 log = logging.getLogger("argo_signals")
 

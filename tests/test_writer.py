@@ -175,18 +175,18 @@ def test_row_the_database_refuses_does_not_sink_its_batch(db):
 def test_writer_killed_by_injected_error_restarts_and_loses_nothing(db, caplog):
     t = SignalTracker(db, **{**QUIET, "batch_size": 10})
     t.log_signal(make_signal(0))
-    assert wait_for(lambda: t._writer.running, 2)
-    real = t._writer._commit
+    assert wait_for(lambda: t.stats()["state"] == "open", 2)
+    real = t._sink.write
     calls = []
 
-    def broken(rows, updates):
+    def broken(entries, reason, stop_at):
         if not calls:
             calls.append(1)
             raise RuntimeError("injected writer failure")
-        return real(rows, updates)
-    t._writer._commit = broken
+        return real(entries, reason, stop_at)
+    t._sink.write = broken
     ids = [t.log_signal(make_signal(i)) for i in range(1, 10)]  # 10 queued: size trigger -> dies
-    assert wait_for(lambda: not t._writer.running, 3)
+    assert wait_for(lambda: t.stats()["state"] == "degraded", 3)
     assert "injected writer failure" in caplog.text
     ids.append(t.log_signal(make_signal(10)))  # restarts the writer
     assert t.flush(5)
@@ -267,19 +267,19 @@ def test_manual_flush_does_not_move_the_interval_tick(db):
 
 def test_writer_dying_again_right_after_restart_makes_callers_write(db, caplog):
     t = SignalTracker(db, **{**QUIET, "batch_size": 5})
-    real = t._writer._commit
+    real = t._sink.write
 
-    def broken_in_writer_thread(rows, updates):
+    def broken_in_writer_thread(entries, reason, stop_at):
         if threading.current_thread().name == "argo-signals-writer":
             raise RuntimeError("injected: the writer thread always fails")
-        return real(rows, updates)
-    t._writer._commit = broken_in_writer_thread
+        return real(entries, reason, stop_at)
+    t._sink.write = broken_in_writer_thread
     for i in range(5):
         t.log_signal(make_signal(i))          # size trigger: the writer dies
-    assert wait_for(lambda: not t._writer.running, 3)
+    assert wait_for(lambda: t.stats()["state"] == "degraded", 3)
     for i in range(5, 10):
         t.log_signal(make_signal(i))          # first death: restarted, and it dies again at once
-    assert wait_for(lambda: not t._writer.running, 3)
+    assert wait_for(lambda: t.stats()["state"] == "degraded", 3)
     t.log_signal(make_signal(10))             # died right after a restart: this caller writes
     assert t.stats()["writer_restarts"] == 1
     assert t.stats()["fallback_writes"] >= 1

@@ -1,0 +1,416 @@
+"""The engine: a bounded queue, one daemon thread, the triggers, and a named state.
+
+Producers ``put()`` on a ``queue.Queue``; the thread sleeps on one ``threading.Event`` until
+the earliest of: the queue reaching ``batch_size``, the oldest entry turning
+``batch_timeout`` old, the next ``flush_interval`` tick, ``flush()`` or ``close()``.  Whoever
+runs the sink (the thread, or a caller writing synchronously) holds the write lock and takes
+entries from the head of the queue, so entries are written in queue order and ``done``
+counts them: ``flush()`` and ``close()`` wait until it reaches the queue's count at their call.
+
+States (changed only under ``_lock``)::
+
+    OPEN ──thread dies / fork──► DEGRADED ──restart──► OPEN
+      │                            │
+      └────────── close() ─────────┴──► CLOSING ──► CLOSED
+
+OPEN: the thread writes.  DEGRADED: the thread cannot run (it keeps dying, the interpreter
+is exiting, or this is a forked child): callers run the sink themselves.  CLOSING and
+CLOSED: the queue is sealed; every caller writes synchronously.  A ``BaseException``
+(Ctrl-C, SystemExit) raised inside a write puts the batch back at the head of the queue.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable, List, Optional, Protocol, Sequence
+
+from .config import Config
+from .sink import Entry, Outcome
+from .stats import Stats
+
+log = logging.getLogger("argo_signals")
+
+__all__ = ["Engine", "State", "Sink", "EntryQueue", "Sealed"]
+
+
+class State(enum.Enum):
+    OPEN = "open"
+    DEGRADED = "degraded"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class Sink(Protocol):
+    def write(self, entries: Sequence[Entry], reason: Optional[str],
+              stop_at: Callable[[], float]) -> Outcome: ...
+    def replay(self, max_wait: Optional[float] = None) -> bool: ...
+    def spill_pending(self) -> bool: ...
+    def salvage(self, entries: Sequence[Entry]) -> Outcome: ...
+    def close(self) -> None: ...
+    def interrupt(self) -> None: ...
+    def after_fork(self) -> None: ...
+
+
+class Sealed(Exception):
+    """put() on a queue that close() has sealed: the caller writes synchronously."""
+
+
+class EntryQueue(queue.Queue):  # type: ignore[type-arg]
+    """``queue.Queue`` with a running count, a seal, and bulk take/put-back under its mutex."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.seq = 0          # entries ever queued, in queue order
+        self.sealed = False
+
+    def _qsize(self) -> int:  # sealed: waiting producers wake and meet Sealed in _put
+        return 0 if self.sealed else len(self.queue)
+
+    def _put(self, item: Entry) -> None:
+        if self.sealed:
+            raise Sealed
+        self.queue.append(item)
+        self.seq += 1
+
+    def force_put(self, item: Entry) -> int:
+        """Queue past the bound and the seal; returns the entry's position (its ``seq``)."""
+        with self.mutex:
+            self.queue.append(item)
+            self.seq += 1
+            return self.seq
+
+    def take(self, n: int) -> List[Entry]:
+        with self.mutex:
+            q = self.queue
+            out = [q.popleft() for _ in range(min(n, len(q)))]
+            if out:
+                self.not_full.notify_all()
+            return out
+
+    def put_back(self, items: List[Entry]) -> None:
+        with self.mutex:
+            self.queue.extendleft(reversed(items))
+
+    def seal(self) -> None:
+        with self.mutex:
+            self.sealed = True
+            self.not_full.notify_all()
+
+
+class Engine:
+    RESTART_GRACE = 1.0      # a thread dying this soon after a restart is not restarted again...
+    BROKEN_COOLDOWN = 30.0   # ...for this long: callers write synchronously meanwhile
+
+    def __init__(self, config: Config, sink: Sink, stats: Stats, exiting: threading.Event,
+                 on_tick: Optional[Callable[[], None]] = None) -> None:
+        self.config = config
+        self.sink = sink
+        self.stats = stats
+        self.exiting = exiting
+        self.on_tick = on_tick
+        self._restarts = 0
+        self._reset(State.OPEN)
+
+    def _reset(self, state: State, why: Optional[str] = None) -> None:
+        self._q = EntryQueue(self.config.max_queue_size)
+        self._dq = self._q.queue
+        self._lock = threading.Lock()          # state transitions
+        self._write_lock = threading.Lock()    # whoever runs the sink
+        self._progress = threading.Condition(threading.Lock())
+        self._wake = threading.Event()
+        self._state = state
+        self._why = why                        # why DEGRADED
+        self._retry_at = float("inf")          # when DEGRADED may try a thread again
+        self._thread: Optional[threading.Thread] = None
+        self._started_at = 0.0
+        self._done = 0                         # entries handled, in queue order
+        self._flush_to = 0
+        self._armed = False
+        self._stop_at = float("inf")           # set by close(): stop retrying, spill by then
+        self._causes: set = set()
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def pending(self) -> int:
+        return len(self._dq)
+
+    # -- producers ----------------------------------------------------------------------------
+    def put(self, entry: Entry) -> None:
+        if self._state is State.OPEN:
+            try:
+                self._q.put_nowait(entry)
+            except (queue.Full, Sealed):
+                self._put_slow(entry)
+                return
+            if self._armed or (len(self._dq) >= self.config.batch_size and not self._wake.is_set()):
+                self._armed = False
+                self._wake.set()
+            return
+        self._put_slow(entry)
+
+    def _put_slow(self, entry: Entry) -> None:
+        state = self._state
+        if state is State.DEGRADED and self._restart():
+            state = self._state
+        if state is State.OPEN:
+            try:
+                self._q.put(entry, timeout=self.config.queue_full_timeout)
+                self._wake.set()
+                return
+            except queue.Full:
+                cause = "queue full"
+            except Sealed:
+                cause = "tracker closed"
+        elif state is State.DEGRADED:
+            cause = self._why or "writer thread not running"
+        else:
+            cause = "tracker closed"
+        self._write_through(entry, cause)
+
+    def _write_through(self, entry: Entry, cause: str) -> None:
+        """The caller runs the sink: everything queued before its entry, then its entry."""
+        self.stats.fallback_writes += 1
+        if cause not in self._causes:
+            self._causes.add(cause)
+            log.warning("synchronous fallback (%s): the calling thread writes to SQLite", cause)
+        target = self._q.force_put(entry)
+        try:
+            if self._run_until(target, None, time.monotonic() + self.config.write_retry_budget + 5.0):
+                return
+        except Exception:
+            log.exception("synchronous write failed; the entries stay queued")
+            self.stats.last_error = "synchronous write failed (see log)"
+            return
+        log.error("synchronous write could not finish in time; %d entries stay queued", len(self._dq))
+
+    # -- running the sink (whoever holds the write lock) ---------------------------------------
+    def _run_until(self, target: int, reason: Optional[str], deadline: float) -> bool:
+        while self._done < target:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._write_lock.acquire(timeout=left):
+                return False
+            try:
+                n = min(target - self._done, self.config.max_batch)
+                if n > 0 and not self._write_batch(n, reason):
+                    return False
+                if not self._dq:
+                    break
+            finally:
+                self._write_lock.release()
+        return True
+
+    def _write_batch(self, n: int, reason: Optional[str]) -> bool:
+        batch = self._q.take(n)
+        if not batch:
+            return True
+        try:
+            outcome = self.sink.write(batch, reason, self._deadline)
+        except BaseException:
+            self._q.put_back(batch)   # Ctrl-C, SystemExit, a bug: nothing taken is dropped
+            raise
+        if outcome is Outcome.HELD:
+            self._q.put_back(batch)
+            return False
+        self._advance(len(batch))
+        return True
+
+    def _advance(self, n: int) -> None:
+        self._done += n
+        with self._progress:
+            self._progress.notify_all()
+
+    def _deadline(self) -> float:
+        return self._stop_at
+
+    # -- the thread ----------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._state is State.OPEN and self._thread is None:
+                self._start_thread()
+
+    def _start_thread(self) -> None:  # under _lock
+        if self.exiting.is_set():
+            self._degrade("interpreter exiting", never=True)
+            return
+        thread = threading.Thread(target=self._run, name="argo-signals-writer", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # e.g. "can't create new thread at interpreter shutdown"
+            self._degrade(f"writer thread cannot start: {exc}", never=True)
+            return
+        self._thread, self._started_at, self._state = thread, time.monotonic(), State.OPEN
+
+    def _degrade(self, why: str, never: bool = False, wait: float = 0.0) -> None:  # under _lock
+        self._state, self._why, self._thread = State.DEGRADED, why, None
+        self._retry_at = float("inf") if never else time.monotonic() + wait
+        with self._progress:
+            self._progress.notify_all()
+
+    def _restart(self) -> bool:
+        with self._lock:
+            if self._state is not State.DEGRADED or time.monotonic() < self._retry_at:
+                return self._state is State.OPEN
+            self._restarts += 1
+            self.stats.writer_restarts += 1
+            log.warning("restarting the writer thread (restart #%d)", self._restarts)
+            self._start_thread()
+            return self._state is State.OPEN
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            log.exception("the writer thread died; callers write synchronously until it restarts")
+            self.stats.last_error = "writer thread died (see log)"
+            with self._lock:
+                if self._state is State.OPEN:
+                    again = self._restarts and time.monotonic() - self._started_at < self.RESTART_GRACE
+                    if again:
+                        log.error("writer thread died again right after a restart; callers write "
+                                  "synchronously for %.0fs", self.BROKEN_COOLDOWN)
+                    self._degrade("writer thread keeps dying" if again else "writer thread died",
+                                  wait=self.BROKEN_COOLDOWN if again else 0.0)
+
+    def _loop(self) -> None:
+        cfg, dq, wake = self.config, self._dq, self._wake
+        next_tick = time.monotonic() + cfg.flush_interval
+        self._tick()
+        while self._state is State.OPEN:
+            wake.clear()
+            now = time.monotonic()
+            reason, n = None, cfg.max_batch
+            if self._flush_to > self._done:
+                reason, n = "manual", min(n, self._flush_to - self._done)
+            elif len(dq) >= cfg.batch_size:
+                reason = "size"
+            elif dq and now - _oldest(dq, now) >= cfg.batch_timeout:
+                reason = "timeout"
+            if now >= next_tick:
+                while next_tick <= now:
+                    next_tick += cfg.flush_interval
+                if reason is None and dq:
+                    reason = "interval"
+                self._tick()
+            if reason is not None:
+                with self._write_lock:
+                    ok = self._write_batch(n, reason)
+                if not ok:   # neither the database nor the spill took it: do not spin
+                    wake.wait(1.0)
+                continue
+            self._armed = True
+            deadline = next_tick
+            if dq:
+                self._armed = False
+                deadline = min(deadline, _oldest(dq, now) + cfg.batch_timeout)
+            wake.wait(max(0.0, deadline - time.monotonic()))
+
+    def _tick(self) -> None:
+        if self.sink.spill_pending():
+            self._replay(time.monotonic() + self.config.write_retry_budget)
+        if self.on_tick is not None:
+            try:
+                self.on_tick()
+            except Exception:
+                log.exception("tick hook failed")
+
+    def _replay(self, deadline: float) -> bool:
+        if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            return self.sink.replay(max(0.0, deadline - time.monotonic()))
+        except Exception:
+            log.exception("replaying the spill file failed; it is tried again later")
+            return False
+        finally:
+            self._write_lock.release()
+
+    # -- flush and close -------------------------------------------------------------------------
+    def flush(self, timeout: Optional[float]) -> bool:
+        """True once everything queued before the call is in the database (not only spilled)."""
+        deadline = float("inf") if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            target = self._q.seq
+            thread = self._thread if self._state is State.OPEN else None
+            if thread is not None:
+                self._flush_to = max(self._flush_to, target)
+        if thread is not None and thread is not threading.current_thread():
+            self._wake.set()
+            with self._progress:
+                self._progress.wait_for(
+                    lambda: self._done >= target or self._thread is not thread,
+                    None if timeout is None else max(0.0, deadline - time.monotonic()))
+        if self._done < target and not self._run_until(target, "manual", deadline):
+            return False
+        return self._done >= target and self._settle_spill(deadline)
+
+    def _settle_spill(self, deadline: float) -> bool:
+        return not self.sink.spill_pending() or self._replay(deadline)
+
+    def close(self, timeout: Optional[float]) -> bool:
+        """Seal the queue, stop the thread, write what is left; bounded by ``timeout``.
+
+        Any number of callers may close at once: each returns once everything queued before
+        its call has been handled (or its own deadline passed)."""
+        budget = self.config.write_retry_budget + 1.0
+        limit = budget if timeout is None else max(0.0, min(timeout, budget))
+        deadline = time.monotonic() + limit
+        with self._lock:
+            if self._state in (State.OPEN, State.DEGRADED):
+                self._state = State.CLOSING
+                # a batch still failing near the deadline is spilled rather than left in memory
+                self._stop_at = deadline - max(0.2, limit * 0.25)
+            thread = self._thread
+        self._q.seal()
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, self._stop_at - time.monotonic()))
+            if thread.is_alive():   # stuck in a statement (a lock held elsewhere): cut it short
+                self.sink.interrupt()
+                thread.join(max(0.0, deadline - time.monotonic()))
+        target = self._q.seq
+        ok = self._run_until(target, "close", deadline)
+        if not ok:
+            self._salvage()
+        ok = self._settle_spill(deadline) and ok and self._done >= target
+        with self._lock:
+            if self._state is State.CLOSING and not (thread is not None and thread.is_alive()):
+                self._state = State.CLOSED
+        if self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            try:
+                self.sink.close()   # a later synchronous write opens one connection and keeps it
+            finally:
+                self._write_lock.release()
+        if not ok:
+            log.error("close() returned before everything was in the database: %d entries queued, "
+                      "spill pending: %s", len(self._dq), self.sink.spill_pending())
+        return ok
+
+    def _salvage(self) -> None:
+        """close() ran out of time: what is still queued leaves memory now (spill or stderr)."""
+        entries = self._q.take(len(self._dq))
+        if entries:
+            self.sink.salvage(entries)
+            self._advance(len(entries))
+
+    # -- fork --------------------------------------------------------------------------------------
+    def after_fork_in_child(self) -> None:
+        """The child starts empty and writes synchronously: a pool may end it with SIGTERM or
+        os._exit() at any moment, and each log_signal() has committed before it returned."""
+        state = self._state
+        self.sink.after_fork()
+        if state in (State.CLOSING, State.CLOSED):
+            self._reset(State.CLOSED)
+        else:
+            self._reset(State.DEGRADED, "forked child")
+
+
+def _oldest(dq: Any, default: float) -> float:
+    try:
+        return dq[0][2]
+    except IndexError:  # emptied meanwhile by a caller writing synchronously
+        return default

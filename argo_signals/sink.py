@@ -1,0 +1,288 @@
+"""The SQLite sink: connecting, one transaction per batch, retries, the spill file and its replay.
+
+The engine calls it under its write lock, from its thread or from a caller writing
+synchronously, so the sink itself holds no lock.  ``write()`` answers with an ``Outcome``:
+committed, spilled (the database stayed unwritable past the retry budget, or a spill is still
+waiting and must be replayed first so that order holds), or held (neither the database nor
+the spill file took the batch: the engine keeps it).  ``salvage()`` is the last resort at
+close: spill, else print the signals to stderr as ``argo-signals-unsaved: {json}`` lines that
+``argo-signals ingest`` reads back.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import sqlite3
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
+from tenacity.stop import stop_base
+
+from . import spill
+from .config import Config
+from .signal import FIELDS, finish
+from .stats import Stats
+from .store import BatchResult, connect, ensure_schema, is_environment_error, write_batch
+
+log = logging.getLogger("argo_signals")
+
+__all__ = ["Outcome", "SQLiteSink", "INSERT", "UPDATE", "Entry", "UNSAVED_PREFIX"]
+
+INSERT, UPDATE = 0, 1
+Entry = Tuple[int, Any, float]          # (kind, payload, time.monotonic() when logged)
+Update = Tuple[str, Dict[str, Any]]
+UNSAVED_PREFIX = "argo-signals-unsaved: "
+
+# Connections inherited from a parent process: never used nor closed in the child.
+_INHERITED: List[sqlite3.Connection] = []
+
+
+class Outcome(enum.Enum):
+    COMMITTED = "committed"
+    SPILLED = "spilled"
+    HELD = "held"
+
+
+class SQLiteSink:
+    def __init__(self, config: Config, stats: Stats,
+                 on_commit: Optional[Callable[[int], None]] = None) -> None:
+        self.config = config
+        self.stats = stats
+        self.on_commit = on_commit
+        self.spill_path = config.spill_path
+        self._conn: Optional[sqlite3.Connection] = None
+        self._inode: Optional[Tuple[int, int]] = None
+        self._busy = config.busy_timeout   # the lock wait the open connection has now
+
+    # -- connection ---------------------------------------------------------------------
+    def open(self) -> None:
+        """Connect and create the schema now; OSError naming the path when that is impossible."""
+        for what, path in (("database", self.config.db_path), ("spill file", self.spill_path)):
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"cannot use {what} {path}: directory {folder} does not exist")
+        try:
+            self._connection()
+        except (sqlite3.Error, OSError) as exc:
+            raise OSError(f"cannot open database {self.config.db_path}: {exc}") from exc
+
+    def _connection(self) -> sqlite3.Connection:
+        path = self.config.db_path
+        if self._conn is not None and self._inode is not None:
+            try:  # the file deleted or replaced under us: writing on would go to an orphan inode
+                st = os.stat(path)
+                same = (st.st_dev, st.st_ino) == self._inode
+            except OSError:
+                same = False
+            if not same:
+                log.error("database file %s vanished or was replaced; reopening it", path)
+                self.close()
+        if self._conn is None:
+            conn = connect(path, self.config.durability, self.config.busy_timeout)
+            try:
+                if self.config.on_connect is not None:
+                    self.config.on_connect(conn)
+                ensure_schema(conn)
+                st = os.stat(path)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn, self._inode = conn, (st.st_dev, st.st_ino)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+            self._conn = None
+        self._busy = self.config.busy_timeout
+
+    def interrupt(self) -> None:
+        """Abort the statement running on another thread (it fails as 'interrupted')."""
+        conn = self._conn
+        if conn is not None:
+            conn.interrupt()
+
+    def after_fork(self) -> None:
+        if self._conn is not None:
+            _INHERITED.append(self._conn)
+        self._conn = None
+
+    # -- writing ------------------------------------------------------------------------
+    def write(self, entries: Sequence[Entry], reason: Optional[str],
+              stop_at: Callable[[], float]) -> Outcome:
+        rows, starts, updates = [], [], []
+        for kind, payload, t in entries:
+            if kind == INSERT:
+                rows.append(finish(payload))
+                starts.append(t)
+            else:
+                updates.append(payload)
+        if not rows and not updates:
+            return Outcome.COMMITTED
+        if self.spill_pending() and not self.replay(_left(stop_at)):
+            # what waits in the spill came first: go behind it so that order holds
+            return self._spill(rows, updates, "a spill is still waiting for the database")
+        budget = self.config.write_retry_budget
+        tries = [0]
+
+        def note(state: Any) -> None:
+            tries[0] += 1
+            self.stats.write_retries += 1
+            exc = state.outcome.exception()
+            self.stats.last_error = f"database write failed: {exc}"
+            self.close()  # reopen: the file or its directory may have been replaced
+            if tries[0] == 1:
+                log.warning("database write failed (%s); retrying for up to %.1fs", exc, budget)
+
+        retrying = Retrying(retry=retry_if_exception(is_environment_error),
+                            stop=stop_after_delay(budget) | _StopAt(stop_at),
+                            wait=wait_exponential(multiplier=0.02, max=1.0) + wait_random(0, 0.05),
+                            before_sleep=note, reraise=True)
+        try:
+            for attempt in retrying:
+                with attempt:
+                    result = write_batch(self._bounded(_left(stop_at)), rows, updates)
+        except Exception as exc:
+            if not is_environment_error(exc):
+                raise
+            self.close()
+            self.stats.last_error = f"database write failed: {exc}"
+            return self._spill(rows, updates, str(exc))
+        self.stats.transactions += 1
+        self._account(result, starts, reason)
+        return Outcome.COMMITTED
+
+    def _account(self, result: BatchResult, starts: List[float], reason: Optional[str]) -> None:
+        st = self.stats
+        now = time.monotonic()
+        st.persisted += result.inserted
+        st.duplicates += result.duplicates
+        st.latencies.extend(now - t for t in starts)
+        if reason is not None:
+            st.flushes[reason] += 1
+        for sid, why, _ in result.rejected_rows:
+            st.rejected += 1
+            log.warning("signal %s rejected into rejected_signals: %s", sid, why)
+        for sid in result.unknown_updates:
+            st.unknown_updates += 1
+            log.warning("update_signal(%r): no such signal; update ignored", sid)
+        for sid in result.refused_updates:
+            st.rejected += 1
+            log.warning("update of %r names columns that cannot be updated; ignored", sid)
+        if result.inserted and self.on_commit is not None:
+            try:
+                self.on_commit(result.inserted)
+            except Exception:
+                log.exception("commit hook failed")
+
+    # -- spill and replay -----------------------------------------------------------------
+    def spill_pending(self) -> bool:
+        return os.path.exists(self.spill_path) or os.path.exists(self.spill_path + ".replaying")
+
+    def _spill(self, rows: List[tuple], updates: List[Update], why: str) -> Outcome:
+        try:
+            spill.append(self.spill_path, rows, updates)
+        except OSError as err:
+            log.critical("database unwritable (%s) and spill file %s unwritable (%s): %d signals "
+                         "stay in memory", why, self.spill_path, err, len(rows))
+            return Outcome.HELD
+        self.stats.spilled += len(rows)
+        log.error("database unwritable (%s): %d signals and %d updates spilled to %s; they are "
+                  "replayed when the database can be written", why, len(rows), len(updates),
+                  self.spill_path)
+        return Outcome.SPILLED
+
+    def _bounded(self, max_wait: Optional[float]) -> sqlite3.Connection:
+        """The connection, its lock wait cut to ``max_wait`` seconds (None: the configured one)."""
+        conn = self._connection()
+        wait = self.config.busy_timeout if max_wait is None else min(max_wait, self.config.busy_timeout)
+        if wait != self._busy:
+            conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+            self._busy = wait
+        return conn
+
+    def replay(self, max_wait: Optional[float] = None) -> bool:
+        """Write back what the spill holds (idempotent by signal_id); True when nothing waits.
+
+        ``max_wait`` bounds how long it waits for another writer's lock."""
+        try:
+            taken = spill.take(self.spill_path)
+        except OSError as exc:
+            log.warning("spill file %s cannot be read for replay: %s", self.spill_path, exc)
+            return False
+        if taken is None:
+            return True
+        self.stats.spill_bad += taken.bad
+        try:
+            result = write_batch(self._bounded(max_wait), taken.rows, taken.updates)
+        except BaseException as exc:
+            spill.give_back(taken, self.spill_path)
+            if not is_environment_error(exc):
+                raise
+            self.close()
+            log.debug("spill replay deferred: %s", exc)
+            return False
+        self.stats.replayed += len(taken.rows)
+        self._account(result, [], None)
+        try:
+            os.remove(taken.path)  # after the commit: a crash in between only replays no-ops
+        except FileNotFoundError:
+            pass  # another process replayed and removed the same file
+        log.warning("replayed %d spilled signals and %d updates from %s (%d new, %d already stored)",
+                    len(taken.rows), len(taken.updates), self.spill_path, result.inserted,
+                    result.duplicates)
+        return not os.path.exists(self.spill_path)
+
+    def salvage(self, entries: Sequence[Entry]) -> Outcome:
+        """Last resort for entries that must leave memory now: spill, else stderr."""
+        rows = [finish(p) for k, p, _ in entries if k == INSERT]
+        updates = [p for k, p, _ in entries if k == UPDATE]
+        if not rows and not updates:
+            return Outcome.COMMITTED
+        if self._spill(rows, updates, "close() ran out of time") is Outcome.SPILLED:
+            return Outcome.SPILLED
+        lines = [UNSAVED_PREFIX + json.dumps(_as_signal(r)) for r in rows]
+        lines += [UNSAVED_PREFIX + json.dumps({"update_of": s, "fields": f}) for s, f in updates]
+        try:
+            sys.stderr.write("".join(line + "\n" for line in lines))
+            sys.stderr.flush()
+        except (OSError, ValueError, AttributeError) as exc:
+            log.critical("%d signals could not be saved anywhere (stderr too: %s)", len(rows), exc)
+        self.stats.unsaved += len(rows)
+        log.critical("neither the database nor the spill file %s can be written: %d signals and "
+                     "%d updates printed to stderr as '%s' lines; recover them with "
+                     "`argo-signals ingest`", self.spill_path, len(rows), len(updates),
+                     UNSAVED_PREFIX.strip())
+        return Outcome.HELD
+
+
+def _left(stop_at: Callable[[], float]) -> Optional[float]:
+    """Seconds until ``stop_at()``, or None when there is no deadline."""
+    at = stop_at()
+    return None if at == float("inf") else max(0.0, at - time.monotonic())
+
+
+def _as_signal(row: tuple) -> Dict[str, Any]:
+    """A finished row as the dict ``log_signal()`` takes back (same id, timestamp, hash)."""
+    out = {k: v for k, v in zip(FIELDS, row) if v is not None and k != "metadata"}
+    meta = row[FIELDS.index("metadata")]
+    if meta is not None:
+        out["metadata"] = json.loads(meta)
+    return out
+
+
+class _StopAt(stop_base):
+    """A tenacity stop condition: stop once the monotonic clock passes ``deadline()``."""
+
+    def __init__(self, deadline: Callable[[], float]) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: Any) -> bool:
+        return time.monotonic() >= self.deadline()
