@@ -16,7 +16,7 @@ import re
 import time
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 __all__ = [
     "SignalValidationError",
@@ -30,7 +30,9 @@ __all__ = [
     "new_signal_id",
     "format_timestamp",
     "DefaultTimestamp",
+    "HASH_FIELDS",
     "RESERVED_COLUMNS",
+    "recheck",
     "MAX_METADATA_DEPTH",
 ]
 
@@ -52,6 +54,9 @@ FIELDS: Tuple[str, ...] = (
     "reasoning", "service_type", "executor_id", "generated_by", "order_id",
     "outcome", "exit_price", "profit_loss_pct", "metadata",
 )
+# The fields the Alpine verification hash (``sha256``) covers.
+HASH_FIELDS: Tuple[str, ...] = ("signal_id", "symbol", "action", "entry_price", "target_price",
+                                "stop_price", "confidence", "strategy", "timestamp")
 # Columns added by finish(): the row written to SQLite is FIELDS + these.
 FINISHED_FIELDS: Tuple[str, ...] = FIELDS + ("sha256",)
 
@@ -356,6 +361,42 @@ def _check_nesting(value: Any, depth: int) -> None:
         for item in value:
             if isinstance(item, (Mapping, list, tuple)):
                 _check_nesting(item, depth + 1)
+
+
+def recheck(stored: Mapping[str, Any]) -> List[Tuple[str, str]]:
+    """Apply ``log_signal()``'s rules to a stored row: one ``(field, problem)`` per way the
+    row differs from what ``log_signal()`` would have stored (empty when it conforms)."""
+    sig: Dict[str, Any] = {name: stored.get(name) for name in FIELDS}
+    meta = sig.pop("metadata")
+    if meta is not None:
+        try:
+            meta = json.loads(meta)
+        except (TypeError, ValueError):
+            return [("metadata", "not JSON text")]
+        if not isinstance(meta, dict):
+            return [("metadata", "not a JSON object")]
+        sig["metadata"] = meta
+    if sig["timestamp"] is None:
+        return [("timestamp", "missing")]
+    try:
+        norm = normalise(sig)
+    except SignalValidationError as exc:
+        return [(exc.field, exc.problem)]
+    except TypeError as exc:  # e.g. an unhashable value where a key is looked up
+        return [("row", str(exc))]
+    out = []
+    for name, want in zip(FIELDS, norm):
+        have = stored.get(name)
+        if name == "metadata":
+            if (None if want is None else json.loads(want)) != meta:
+                out.append((name, "not what log_signal() stores for it"))
+        elif name == "timestamp" and isinstance(want, str) and isinstance(have, str):
+            if have != want and not (have.endswith("+00:00") and datetime.fromisoformat(have) ==
+                                     datetime.fromisoformat(want)):  # default ones keep ".000000"
+                out.append((name, f"stored {have!r}, log_signal() stores {want!r}"))
+        elif have != want or type(have) is not type(want):
+            out.append((name, f"stored {have!r}, log_signal() stores {want!r}"))
+    return out
 
 
 def normalise_update(fields: Mapping[str, Any]) -> Dict[str, Any]:

@@ -20,12 +20,14 @@ import sqlite_utils
 
 from .signal import FINISHED_FIELDS, UPDATABLE, DefaultTimestamp
 
-__all__ = ["connect", "connect_readonly", "readonly_uri", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
+__all__ = ["connect", "connect_readonly", "readonly_uri", "SYNC_STATUSES", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
            "SIGNAL_COLUMNS", "utc_now", "status_counts", "claim_due", "settle", "settle_many", "release",
            "settle_refused",
            "reset_status"]
 
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}
+# Values of signals.sync_status.
+SYNC_STATUSES = ("pending", "synced", "rejected", "skipped", "failed")
 
 SIGNAL_COLUMNS: Dict[str, type] = {
     "id": int, "signal_id": str, "symbol": str, "action": str, "entry_price": float,

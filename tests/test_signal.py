@@ -247,3 +247,21 @@ def test_ascii_number_text_forms(text, value):
 @pytest.mark.parametrize("action,want", [("buy", "BUY"), (" Sell ", "SELL"), ("neutral", "NEUTRAL")])
 def test_ascii_action_forms(action, want):
     assert as_dict(normalise({**GOOD, "action": action}))["action"] == want
+
+
+def test_recheck_accepts_what_log_signal_stores_and_names_what_differs():
+    from argo_signals.signal import recheck
+    from argo_signals.demo import signals
+    import itertools
+    for sig in itertools.islice(signals(3), 200):
+        assert recheck(as_dict(finish(normalise(sig)))) == []
+    whole_second = as_dict(finish(normalise({**GOOD, "venue": "X"}) [:10] + (1764300000.0,)
+                                  + normalise(GOOD)[11:]))
+    assert whole_second["timestamp"].endswith(".000000+00:00") and recheck(whole_second) == []
+    row = as_dict(finish(normalise({**GOOD, "metadata": {"k": [1]}})))
+    assert [f for f, _ in recheck({**row, "action": "buy"})] == ["action"]
+    assert [f for f, _ in recheck({**row, "symbol": " AAPL"})] == ["symbol"]
+    assert [f for f, _ in recheck({**row, "exit_price": -1.0})] == ["exit_price"]
+    assert [f for f, _ in recheck({**row, "metadata": "{bad"})] == ["metadata"]
+    assert [f for f, _ in recheck({**row, "timestamp": "2026-01-02T05:04:05+02:00"})] == ["timestamp"]
+    assert [f for f, _ in recheck({**row, "entry_price": "190.5"})] == ["entry_price"]
