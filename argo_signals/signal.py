@@ -333,9 +333,9 @@ def _metadata(signal: Mapping[str, Any]) -> Optional[str]:
         for key, value in base.items():
             if type(key) is not str:
                 raise SignalValidationError("metadata", f"keys must be strings, got {key!r}")
-            if key in signal and key != "metadata" and signal[key] is not value and signal[key] != value:
-                raise SignalValidationError(key, f"given both at the top level and inside metadata, "
-                                                 f"with different values")
+            if key in signal and key != "metadata" and not _same(signal[key], value):
+                raise SignalValidationError(key, "given both at the top level and inside metadata, "
+                                                 "with different values")
         extra = {**base, **extra}
     if not extra:
         return None
@@ -344,6 +344,13 @@ def _metadata(signal: Mapping[str, Any]) -> Optional[str]:
         return json.dumps(extra, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise SignalValidationError("metadata", f"extra fields must be JSON-serialisable: {exc}") from None
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # e.g. an array, whose == is elementwise
+        return False
 
 
 def _check_nesting(value: Any, depth: int) -> None:

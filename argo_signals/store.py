@@ -87,7 +87,7 @@ def connect(path: str, durability: str = "normal", busy_timeout: float = 5.0) ->
 
 def readonly_uri(path: str) -> str:
     """A ``file:`` URI opening exactly ``path`` read-only (``%``, ``?``, ``#`` are escaped)."""
-    return f"file:{urllib.parse.quote(os.path.abspath(path), safe='/')}?mode=ro"
+    return f"file:{urllib.parse.quote(os.fsencode(os.path.abspath(path)), safe='/')}?mode=ro"
 
 
 def connect_readonly(path: str, timeout: float = 5.0) -> sqlite3.Connection:

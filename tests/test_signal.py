@@ -265,3 +265,13 @@ def test_recheck_accepts_what_log_signal_stores_and_names_what_differs():
     assert [f for f, _ in recheck({**row, "metadata": "{bad"})] == ["metadata"]
     assert [f for f, _ in recheck({**row, "timestamp": "2026-01-02T05:04:05+02:00"})] == ["timestamp"]
     assert [f for f, _ in recheck({**row, "entry_price": "190.5"})] == ["entry_price"]
+
+
+def test_metadata_conflict_check_survives_values_whose_equality_raises():
+    class Elementwise:
+        def __eq__(self, other):
+            raise ValueError("truth value is ambiguous")
+        __hash__ = object.__hash__
+    with pytest.raises(SignalValidationError) as info:
+        normalise({**GOOD, "venue": Elementwise(), "metadata": {"venue": Elementwise()}})
+    assert info.value.field == "venue"

@@ -49,7 +49,8 @@ def test_ensure_schema_is_idempotent(conn):
     assert {r[1] for r in conn.execute("PRAGMA index_list(signals)")} >= {"idx_signals_signal_id"}
 
 
-@pytest.mark.parametrize("name", ["p%41.db", "c?mode=rw.db", "h#x.db", "sp ace.db", "q%3Fmode=ro.db"])
+@pytest.mark.parametrize("name", ["p%41.db", "c?mode=rw.db", "h#x.db", "sp ace.db", "q%3Fmode=ro.db",
+                                  "caf\u00e9.db", "x\udcff.db"])  # the last: the undecodable byte 0xff
 def test_paths_with_uri_characters_open_that_exact_file(tmp_path, name):
     path = tmp_path / name
     c = store.connect(str(path))
@@ -175,8 +176,13 @@ hostile = st.one_of(
 )
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10 ** 6, 10 ** 6), finite, st.text(max_size=5))
 meta_key = st.one_of(st.text(max_size=4), st.integers(0, 3))
-metadata = st.recursive(json_leaf, lambda kids: st.one_of(
-    st.lists(kids, max_size=3), st.dictionaries(meta_key, kids, max_size=3)), max_leaves=8)
+
+
+def _nest(kids):
+    return st.one_of(st.lists(kids, max_size=3), st.dictionaries(meta_key, kids, max_size=3))
+
+
+metadata = st.recursive(json_leaf, _nest, max_leaves=8)
 signal = st.fixed_dictionaries(
     {"symbol": st.one_of(st.just("AAPL"), st.text(max_size=6)),
      "entry_price": st.one_of(st.floats(0.01, 1e6), hostile),
