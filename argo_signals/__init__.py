@@ -4,10 +4,10 @@
     >>> argo_signals.log_signal({"symbol": "AAPL", "action": "BUY", "entry_price": 190.5,
     ...                          "confidence": 87})                       # doctest: +SKIP
 """
-from __future__ import annotations
-
-import threading
-from typing import Any, Dict, Mapping, Optional
+# Only the names in __all__ (and the submodules) live here: helpers are imported under
+# private aliases, and there is no `from __future__ import annotations` (it binds a name).
+import threading as _threading
+import typing as _t
 
 from .config import Config
 from .signal import SignalValidationError, alpine_hash, new_signal_id, normalise
@@ -18,8 +18,8 @@ __all__ = ["SignalTracker", "Config", "SignalValidationError", "log_signal", "up
            "default_db_path", "__version__"]
 __version__ = "0.1.0"
 
-_default: Optional[SignalTracker] = None
-_default_lock = threading.Lock()
+_default: _t.Optional[SignalTracker] = None
+_default_lock = _threading.Lock()
 
 
 def get_tracker() -> SignalTracker:
@@ -34,22 +34,22 @@ def get_tracker() -> SignalTracker:
     return tracker
 
 
-def log_signal(signal: Mapping[str, Any]) -> str:
+def log_signal(signal: _t.Mapping[str, _t.Any]) -> str:
     """``get_tracker().log_signal(signal)``."""
     return get_tracker().log_signal(signal)
 
 
-def update_signal(signal_id: str, **fields: Any) -> None:
+def update_signal(signal_id: str, **fields: _t.Any) -> None:
     """``get_tracker().update_signal(signal_id, **fields)``."""
     get_tracker().update_signal(signal_id, **fields)
 
 
-def flush(timeout: Optional[float] = None) -> bool:
+def flush(timeout: _t.Optional[float] = None) -> bool:
     """Flush the module-level tracker (True when there is none yet)."""
     return True if _default is None else _default.flush(timeout)
 
 
-def close(timeout: Optional[float] = None) -> bool:
+def close(timeout: _t.Optional[float] = None) -> bool:
     """Close the module-level tracker; a later ``log_signal()`` creates a new one."""
     global _default
     with _default_lock:
@@ -57,5 +57,5 @@ def close(timeout: Optional[float] = None) -> bool:
     return True if tracker is None else tracker.close(timeout)
 
 
-def stats() -> Dict[str, Any]:
+def stats() -> _t.Dict[str, _t.Any]:
     return get_tracker().stats()

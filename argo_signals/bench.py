@@ -26,6 +26,7 @@ import sqlite_utils
 
 from .demo import signals as demo_signals
 from .signal import FINISHED_FIELDS, finish, normalise
+from .stats import percentile
 from .store import _INSERT_SQL, connect, ensure_schema, utc_now
 from .tracker import SignalTracker, sync_state
 
@@ -139,10 +140,6 @@ def naive(tmp: str, rows: List[Dict[str, Any]]) -> float:
 
 
 # -- producer cost ----------------------------------------------------------------------------
-def _pct(sorted_us: List[float], q: float) -> float:
-    return sorted_us[min(len(sorted_us) - 1, int(q * len(sorted_us)))]
-
-
 def producer_cost(tmp: str, sigs: List[Dict[str, Any]]) -> Dict[str, float]:
     """Per-call cost of log_signal(), queue.Queue.put_nowait and logger.info through a
     QueueHandler, interleaved call by call so that drifts of machine speed hit all three."""
@@ -178,9 +175,9 @@ def producer_cost(tmp: str, sigs: List[Dict[str, Any]]) -> Dict[str, float]:
     a.sort()
     b.sort()
     c.sort()
-    return {"log_signal_p50_us": _pct(a, 0.5), "log_signal_p99_us": _pct(a, 0.99),
-            "put_nowait_p50_us": _pct(b, 0.5), "queuehandler_p50_us": _pct(c, 0.5),
-            "queuehandler_p99_us": _pct(c, 0.99)}
+    return {"log_signal_p50_us": percentile(a, 0.5) or 0.0, "log_signal_p99_us": percentile(a, 0.99) or 0.0,
+            "put_nowait_p50_us": percentile(b, 0.5) or 0.0, "queuehandler_p50_us": percentile(c, 0.5) or 0.0,
+            "queuehandler_p99_us": percentile(c, 0.99) or 0.0}
 
 
 # -- sync ------------------------------------------------------------------------------------------

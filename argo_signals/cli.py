@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
+import itertools
 import json
 import logging
 import os
@@ -10,19 +12,34 @@ import sqlite3
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 import click
 
 from . import spill
-from .signal import SignalValidationError, alpine_hash
+from .signal import FIELDS, HASH_FIELDS, RESERVED_COLUMNS, SignalValidationError, alpine_hash, normalise, recheck
 from .sink import UNSAVED_PREFIX
 from .stats import percentile
+from .store import SYNC_STATUSES, connect_readonly
 from .tracker import SignalTracker, default_db_path, sync_state
 
-db_option = click.option("--db", "db_path", default=default_db_path, show_default="$ARGO_SIGNALS_DB or argo_signals.db",
-                         help="SQLite database file.")
+_F = TypeVar("_F", bound=Callable[..., Any])
+_DB_HELP = "SQLite database file (may also come before the command)."
+_DB_DEFAULT = "$ARGO_SIGNALS_DB or argo_signals.db"
+
+
+def db_option(f: _F) -> _F:
+    """``--db`` on a command; when absent, the group's ``--db``, then the environment."""
+    @click.option("--db", "db_path", default=None, metavar="PATH", show_default=_DB_DEFAULT, help=_DB_HELP)
+    @functools.wraps(f)
+    def wrapper(*args: Any, db_path: Optional[str] = None, **kwargs: Any) -> Any:
+        if db_path is None:
+            db_path = (click.get_current_context().obj or {}).get("db_path") or default_db_path()
+        return f(*args, db_path=db_path, **kwargs)
+    return wrapper  # type: ignore[return-value]
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 
@@ -51,7 +68,10 @@ def _progress(length: Optional[int], label: str, quiet: bool) -> Iterator[Any]:
 def _open_existing(db_path: str) -> sqlite3.Connection:
     if not os.path.exists(db_path):
         raise click.ClickException(f"no database at {db_path}")
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5.0)
+    try:
+        conn = connect_readonly(db_path)
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"cannot open {db_path} ({exc})") from None
     conn.row_factory = sqlite3.Row
     try:
         conn.execute("SELECT 1 FROM signals LIMIT 1")
@@ -64,8 +84,12 @@ def _open_existing(db_path: str) -> sqlite3.Connection:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="argo-signals")
 @click.option("--verbose", "-v", is_flag=True, help="Log INFO messages too (default: warnings and errors).")
-def main(verbose: bool) -> None:
+@click.option("--db", "db_path", default=None, metavar="PATH", show_default=_DB_DEFAULT,
+              help="SQLite database file for the command (a --db after the command wins).")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, db_path: Optional[str]) -> None:
     """Durable trading-signal logging: SQLite first, then Alpine."""
+    ctx.ensure_object(dict)["db_path"] = db_path
     logger = logging.getLogger("argo_signals")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -166,18 +190,30 @@ def _r(v: Optional[float]) -> Optional[float]:
 
 # -- ingest -------------------------------------------------------------------------------------
 @main.command()
-@click.argument("source", type=click.File("r", encoding="utf-8"))
+@click.argument("source", type=click.File("rb"))
 @db_option
 @click.option("--csv", "as_csv", is_flag=True, help="SOURCE is CSV with a header row.")
+@click.option("--dedupe", is_flag=True,
+              help="Give records without a signal_id one derived from their content, so that "
+                   "ingesting the same file again adds nothing.")
+@click.option("--raw", is_flag=True, help="CSV: take cells literally (do not undo the ' that export adds).")
 @click.option("--strict", is_flag=True, help="Stop at the first bad line.")
 @json_option
 @quiet_option
-def ingest(source: io.TextIOBase, db_path: str, as_csv: bool, strict: bool, as_json: bool, quiet: bool) -> None:
+def ingest(source: io.BufferedIOBase, db_path: str, as_csv: bool, dedupe: bool, raw: bool, strict: bool,
+           as_json: bool, quiet: bool) -> None:
     """Load signals from JSON Lines (or CSV) FILE, or - for stdin, through log_signal().
 
     Lines that close() printed as 'argo-signals-unsaved: {...}' (when neither the database
     nor the spill file could be written) are read as they are, prefix included."""
-    records = _csv_records(source) if as_csv else _jsonl_records(source)
+    lines: Iterable[Tuple[int, Union[str, Exception]]] = _decoded_lines(source)
+    if not as_csv:
+        first, lines = _first_line(lines)
+        if first is not None and _looks_like_csv_header(first[1]):
+            raise click.ClickException(
+                f"line {first[0]} of {getattr(source, 'name', 'SOURCE')} looks like a CSV header "
+                f"({first[1].strip()[:60]}): pass --csv to read CSV")
+    records = _csv_records(lines, raw) if as_csv else _jsonl_records(lines)
     good = bad = 0
     with SignalTracker(db_path, register_atexit=False) as tracker:
         with _progress(None, "ingesting", quiet) as bar:
@@ -187,8 +223,13 @@ def ingest(source: io.TextIOBase, db_path: str, as_csv: bool, strict: bool, as_j
                         raise record
                     if "update_of" in record:   # from an "argo-signals-unsaved:" line
                         tracker.update_signal(record["update_of"], **(record.get("fields") or {}))
-                    else:
-                        tracker.log_signal(_strip_stored(record))
+                        good += 1
+                        bar.update(1)
+                        continue
+                    signal = _strip_stored(record)
+                    if dedupe and signal.get("signal_id") is None:
+                        signal["signal_id"] = content_id(signal)
+                    tracker.log_signal(signal)
                     good += 1
                 except (SignalValidationError, TypeError, ValueError) as exc:
                     bad += 1
@@ -206,13 +247,20 @@ def ingest(source: io.TextIOBase, db_path: str, as_csv: bool, strict: bool, as_j
         sys.exit(1)
 
 
-_STORED_ONLY = ("id", "sha256", "verification_hash", "created_at", "sync_status", "sync_attempts",
-                "synced_at", "sync_error", "sync_next_at", "sync_claim", "sync_claim_until")
+_DEDUPE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "argo-signals:ingest")
+
+
+def content_id(signal: Dict[str, Any]) -> str:
+    """A signal_id derived from what ``log_signal()`` would store (a default timestamp left
+    out): equal content, equal id.  Raises ``SignalValidationError`` like ``log_signal()``."""
+    content = {name: value for name, value in zip(FIELDS, normalise(signal))
+               if name != "signal_id" and not (name == "timestamp" and type(value) is float)}
+    return str(uuid.uuid5(_DEDUPE_NAMESPACE, json.dumps(content, sort_keys=True)))
 
 
 def _strip_stored(record: Dict[str, Any]) -> Dict[str, Any]:
     """Accept rows from `export` too: drop the columns the store computes itself."""
-    out = {k: v for k, v in record.items() if k not in _STORED_ONLY}
+    out = {k: v for k, v in record.items() if k not in RESERVED_COLUMNS}
     meta = out.get("metadata")
     if isinstance(meta, str):
         try:
@@ -222,8 +270,48 @@ def _strip_stored(record: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None or k == "action"}
 
 
-def _jsonl_records(source: io.TextIOBase) -> Iterator[Any]:
-    for lineno, line in enumerate(source, 1):
+Line = Tuple[int, Union[str, Exception]]
+
+
+def _decoded_lines(source: Iterable[bytes]) -> Iterator[Line]:
+    """(line number, text) per line; a line that is not UTF-8 comes as a ValueError instead."""
+    for lineno, data in enumerate(source, 1):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield lineno, ValueError(f"not valid UTF-8 (byte {data[exc.start]:#04x} at column "
+                                     f"{exc.start + 1}); line skipped")
+            continue
+        yield lineno, (text[1:] if lineno == 1 and text.startswith("\ufeff") else text)
+
+
+def _first_line(lines: Iterable[Line]) -> Tuple[Optional[Tuple[int, str]], Iterator[Line]]:
+    """The first non-blank decoded line (if it comes before any undecodable one), and all lines."""
+    it = iter(lines)
+    seen: List[Line] = []
+    for item in it:
+        seen.append(item)
+        text = item[1]
+        if isinstance(text, Exception):
+            break
+        if text.strip():
+            return (item[0], text), itertools.chain(seen, it)
+    return None, itertools.chain(seen, it)
+
+
+def _looks_like_csv_header(text: str) -> bool:
+    text = text.strip()
+    if not text or text[0] in "{[":
+        return False
+    names = [n.strip().lower() for n in next(csv.reader([text]), [])]
+    return len(names) > 1 and "symbol" in names
+
+
+def _jsonl_records(lines: Iterable[Line]) -> Iterator[Any]:
+    for lineno, line in lines:
+        if isinstance(line, Exception):
+            yield lineno, line
+            continue
         if not line.strip():
             continue
         if line.startswith(UNSAVED_PREFIX):  # what close() printed when nothing was writable
@@ -239,9 +327,38 @@ def _jsonl_records(source: io.TextIOBase) -> Iterator[Any]:
         yield lineno, obj
 
 
-def _csv_records(source: io.TextIOBase) -> Iterator[Any]:
-    for lineno, rec in enumerate(csv.DictReader(source), 2):
-        yield lineno, {k: (v if v != "" else None) for k, v in rec.items() if k is not None}
+def _csv_records(lines: Iterable[Line], raw: bool) -> Iterator[Any]:
+    errors: List[Line] = []
+    at = [0]
+
+    def texts() -> Iterator[str]:
+        for lineno, text in lines:
+            at[0] = lineno
+            if isinstance(text, Exception):
+                errors.append((lineno, text))
+            else:
+                yield text
+    for rec in csv.DictReader(texts()):
+        yield from errors
+        errors.clear()
+        yield at[0], {k: (None if v is None or v == "" else v if raw else unescape_cell(v))
+                      for k, v in rec.items() if k is not None}
+    yield from errors
+
+
+# A spreadsheet runs a cell starting with one of these as a formula; export puts a ' before it
+# (and before a leading ' itself, so that ingest can undo exactly that).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def escape_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: ``'`` before text starting with = + - @ TAB CR '."""
+    return "'" + value if type(value) is str and value.startswith(_FORMULA_START) else value
+
+
+def unescape_cell(text: str) -> str:
+    """Undo ``escape_cell()``."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_START) else text
 
 
 # -- status / tail / export -----------------------------------------------------------------------
@@ -282,14 +399,27 @@ def status(db_path: str, as_json: bool) -> None:
 
 
 TAIL_COLUMNS = ("id", "timestamp", "symbol", "action", "entry_price", "confidence", "strategy", "sync_status")
+# Starting widths, so that rows printed later by --follow line up with the header.
+_TAIL_WIDTHS = (6, 32, 10, 7, 11, 10, 16, 11)
 
 
-def _table(records: List[sqlite3.Row]) -> str:
-    cells = [[("" if r[c] is None else str(r[c])) for c in TAIL_COLUMNS] for r in records]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(TAIL_COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(TAIL_COLUMNS, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-    return "\n".join(lines)
+def _cell(value: Any) -> str:
+    """A value as one line of plain text: control characters (ESC, CR, TAB...) are escaped."""
+    text = "" if value is None else str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _line(values: List[str], widths: List[int]) -> str:
+    return "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+
+
+def _table(records: List[sqlite3.Row]) -> Tuple[str, List[int]]:
+    cells = [[_cell(r[c]) for c in TAIL_COLUMNS] for r in records]
+    widths = [max([len(c), w] + [len(row[i]) for row in cells])
+              for i, (c, w) in enumerate(zip(TAIL_COLUMNS, _TAIL_WIDTHS))]
+    return "\n".join([_line(list(TAIL_COLUMNS), widths)] + [_line(row, widths) for row in cells]), widths
 
 
 @main.command()
@@ -305,11 +435,13 @@ def tail(db_path: str, limit: int, symbol: Optional[str], follow: bool, interval
     where, params = ("WHERE symbol = ?", [symbol]) if symbol else ("", [])
     recs = conn.execute(f"SELECT * FROM signals {where} ORDER BY id DESC LIMIT ?", params + [limit]).fetchall()
     recs.reverse()
+    widths = list(_TAIL_WIDTHS)
     if as_json:
         for r in recs:
             click.echo(json.dumps(dict(r)))
     else:
-        click.echo(_table(recs))
+        text, widths = _table(recs)
+        click.echo(text)
     last = recs[-1]["id"] if recs else 0
     try:
         while follow:
@@ -317,8 +449,7 @@ def tail(db_path: str, limit: int, symbol: Optional[str], follow: bool, interval
             cond = "WHERE id > ?" + (" AND symbol = ?" if symbol else "")
             new = conn.execute(f"SELECT * FROM signals {cond} ORDER BY id", [last] + ([symbol] if symbol else [])).fetchall()
             for r in new:
-                click.echo(json.dumps(dict(r)) if as_json else
-                           "  ".join("" if r[c] is None else str(r[c]) for c in TAIL_COLUMNS))
+                click.echo(json.dumps(dict(r)) if as_json else _line([_cell(r[c]) for c in TAIL_COLUMNS], widths))
                 last = r["id"]
     except KeyboardInterrupt:
         pass
@@ -332,11 +463,16 @@ def tail(db_path: str, limit: int, symbol: Optional[str], follow: bool, interval
 @click.option("--since", default=None, help="Signals with timestamp >= this ISO time.")
 @click.option("--until", default=None, help="Signals with timestamp < this ISO time.")
 @click.option("--symbol", default=None)
-@click.option("--status", "sync_status", default=None, help="Only rows with this sync status.")
+@click.option("--status", "sync_status", type=click.Choice(SYNC_STATUSES), default=None,
+              help="Only rows with this sync status.")
+@click.option("--raw", is_flag=True, help="CSV: write text exactly as stored (no ' before = + - @).")
 @click.option("-o", "--output", type=click.File("w", encoding="utf-8"), default="-", help="Output file (default stdout).")
 def export(db_path: str, fmt: str, since: Optional[str], until: Optional[str], symbol: Optional[str],
-           sync_status: Optional[str], output: io.TextIOBase) -> None:
-    """Write signals as JSON Lines or CSV."""
+           sync_status: Optional[str], raw: bool, output: io.TextIOBase) -> None:
+    """Write signals as JSON Lines or CSV.
+
+    In CSV, text starting with = + - @ TAB CR or ' gets a leading ' so that a spreadsheet
+    shows it instead of running it as a formula; `ingest --csv` removes it again."""
     from .signal import format_timestamp
 
     clauses, params = [], []
@@ -365,7 +501,7 @@ def export(db_path: str, fmt: str, since: Optional[str], until: Optional[str], s
         writer.writerow(cols)
     for rec in cur:
         if writer:
-            writer.writerow(["" if v is None else v for v in rec])
+            writer.writerow(["" if v is None else v if raw else escape_cell(v) for v in rec])
         else:
             output.write(json.dumps(dict(zip(cols, rec))) + "\n")
         n += 1
@@ -389,12 +525,12 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
     from . import store
     from .sync import Syncer, SyncConfig
 
+    _open_existing(db_path).close()
     url = alpine_url or os.environ.get("ALPINE_API_URL")
     if not url:
         raise click.ClickException("no Alpine URL: pass --alpine-url or set ALPINE_API_URL")
     if alpine_url is None and os.environ.get("ALPINE_SYNC_ENABLED", "").strip().lower() in ("0", "false", "no", "off"):
         raise click.ClickException("sync is disabled by ALPINE_SYNC_ENABLED=false (pass --alpine-url to override)")
-    _open_existing(db_path).close()
     conn = store.connect(db_path)
     try:
         reset = store.reset_status(conn, [s for s, on in (("rejected", retry_rejected), ("failed", retry_failed)) if on])
@@ -429,13 +565,16 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
 @db_option
 @json_option
 def verify(db_path: str, as_json: bool) -> None:
-    """Recompute every row's sha256 with the Alpine formula; exit 1 on any mismatch."""
+    """Recompute every row's sha256 with the Alpine formula and re-check every row against
+    log_signal()'s rules; exit 1 on any mismatch or broken rule."""
     conn = _open_existing(db_path)
     bad = []
+    invalid = []
     n = 0
-    for r in conn.execute("SELECT id, signal_id, symbol, action, entry_price, target_price, stop_price, "
-                          "confidence, strategy, timestamp, sha256 FROM signals ORDER BY id"):
+    for r in conn.execute("SELECT * FROM signals ORDER BY id"):
         n += 1
+        for name, problem in recheck(dict(r)):
+            invalid.append({"id": r["id"], "signal_id": r["signal_id"], "field": name, "problem": problem})
         try:
             want = alpine_hash(r["signal_id"], r["symbol"], r["action"], r["entry_price"], r["target_price"],
                                r["stop_price"], r["confidence"], r["strategy"], r["timestamp"])
@@ -444,11 +583,16 @@ def verify(db_path: str, as_json: bool) -> None:
         if want != r["sha256"]:
             bad.append({"id": r["id"], "signal_id": r["signal_id"], "stored": r["sha256"], "expected": want})
     conn.close()
-    data = {"checked": n, "mismatches": len(bad), "rows": bad}
-    text = f"{n} rows checked, {len(bad)} hash mismatches" + "".join(
-        f"\n  id {b['id']} ({b['signal_id']}): stored {b['stored']} expected {b['expected']}" for b in bad)
+    broken = len({b["id"] for b in invalid})
+    data = {"checked": n, "mismatches": len(bad), "rows": bad, "rule_breaking_rows": broken,
+            "invalid": invalid, "hash_covers": list(HASH_FIELDS)}
+    text = (f"{n} rows checked, {len(bad)} hash mismatches, {broken} rows break the rules of log_signal()\n"
+            f"  the hash covers: {', '.join(HASH_FIELDS)} (other columns are checked against the rules only)"
+            + "".join(f"\n  id {b['id']} ({b['signal_id']}): stored {b['stored']} expected {b['expected']}"
+                      for b in bad)
+            + "".join(f"\n  id {b['id']} {b['field']}: {_cell(b['problem'])}" for b in invalid))
     _emit(data, as_json, text)
-    if bad:
+    if bad or invalid:
         sys.exit(1)
 
 

@@ -12,10 +12,11 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 __all__ = [
     "SignalValidationError",
@@ -28,6 +29,11 @@ __all__ = [
     "alpine_hash",
     "new_signal_id",
     "format_timestamp",
+    "DefaultTimestamp",
+    "HASH_FIELDS",
+    "RESERVED_COLUMNS",
+    "recheck",
+    "MAX_METADATA_DEPTH",
 ]
 
 
@@ -48,15 +54,29 @@ FIELDS: Tuple[str, ...] = (
     "reasoning", "service_type", "executor_id", "generated_by", "order_id",
     "outcome", "exit_price", "profit_loss_pct", "metadata",
 )
+# The fields the Alpine verification hash (``sha256``) covers.
+HASH_FIELDS: Tuple[str, ...] = ("signal_id", "symbol", "action", "entry_price", "target_price",
+                                "stop_price", "confidence", "strategy", "timestamp")
 # Columns added by finish(): the row written to SQLite is FIELDS + these.
 FINISHED_FIELDS: Tuple[str, ...] = FIELDS + ("sha256",)
 
 _TEXT_FIELDS = ("regime", "reasoning", "service_type", "executor_id", "generated_by",
                 "order_id", "outcome", "data_source")
-_RESERVED = frozenset(("id", "sha256", "verification_hash", "created_at", "sync_status",
-                       "sync_attempts", "synced_at", "sync_error", "sync_next_at",
-                       "sync_claim", "sync_claim_until"))
-_KNOWN = (frozenset(FIELDS) - {"metadata"}) | {"take_profit", "stop_loss"}
+# Columns the store computes itself: a signal may not carry them (``ingest`` drops them).
+RESERVED_COLUMNS: Tuple[str, ...] = (
+    "id", "sha256", "verification_hash", "created_at", "sync_status", "sync_attempts",
+    "synced_at", "sync_error", "sync_next_at", "sync_claim", "sync_claim_until")
+_RESERVED = frozenset(RESERVED_COLUMNS)
+_ALIASES = (("take_profit", "target_price"), ("stop_loss", "stop_price"))
+_KNOWN = (frozenset(FIELDS) - {"metadata"}) | {alias for alias, _ in _ALIASES}
+# Keys a signal on the plain path carries: anything else (aliases, metadata, extra keys)
+# takes the rarer path that also checks for conflicts between them.
+_PLAIN = frozenset(FIELDS) - {"metadata"}
+# Deeper metadata is refused (it could not be encoded without exhausting the stack).
+MAX_METADATA_DEPTH = 64
+# A number written as text: ASCII digits only (no other scripts, no "_" separators).
+_NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+_SPACE = " \t\n\r\f\v"
 _ACTIONS = {"BUY": "BUY", "SELL": "SELL", "NEUTRAL": "NEUTRAL"}
 # Fields update_signal() may change: none of them is part of the hash.
 UPDATABLE = frozenset(("order_id", "outcome", "exit_price", "profit_loss_pct", "executor_id"))
@@ -82,10 +102,10 @@ def _number(field: str, value: Any) -> float:
         except (OverflowError, ValueError):
             raise SignalValidationError(field, f"not a finite number: {value!r}") from None
     elif isinstance(value, str):
-        try:
-            f = float(value.strip())
-        except ValueError:
-            raise SignalValidationError(field, f"not a number: {value!r}") from None
+        text = value.strip(_SPACE)
+        if not _NUMBER_TEXT.fullmatch(text):
+            raise SignalValidationError(field, f"not a number (ASCII decimal text): {value!r}")
+        f = float(text)
     else:
         raise SignalValidationError(field, f"expected a number, got {type(value).__name__}")
     if f != f or f in (math.inf, -math.inf):
@@ -117,8 +137,22 @@ def _text(field: str, value: Any, required: bool = False) -> Optional[str]:
     return value
 
 
+class DefaultTimestamp(str):
+    """A timestamp ``finish()`` filled in because the caller gave none.
+
+    It is stored as plain text; the type only tells the store that, when the same
+    ``signal_id`` comes again, this timestamp is not part of what must match.
+    """
+
+    __slots__ = ()
+
+
 def format_timestamp(value: Any, field: str = "timestamp") -> str:
-    """Return ``value`` as UTC ISO-8601 with an explicit offset (naive is taken as UTC)."""
+    """Return ``value`` as UTC ISO-8601 with an explicit offset (naive is taken as UTC).
+
+    Accepted: a ``datetime``, an ISO-8601 string, or seconds since the epoch as an int or
+    float within years 1-9999 (anything else raises ``SignalValidationError``).
+    """
     if isinstance(value, datetime):
         dt = value
     elif isinstance(value, str):
@@ -129,11 +163,15 @@ def format_timestamp(value: Any, field: str = "timestamp") -> str:
             dt = datetime.fromisoformat(text)
         except ValueError:
             raise SignalValidationError(field, f"not an ISO-8601 timestamp: {value!r}") from None
-    elif isinstance(value, float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, _UTC).isoformat()
+    elif isinstance(value, (float, int)) and not isinstance(value, bool):
+        try:
+            return datetime.fromtimestamp(float(value), _UTC).isoformat()
+        except (OverflowError, ValueError, OSError):
+            raise SignalValidationError(field, f"not a finite epoch time within years 1-9999: "
+                                               f"{value!r}") from None
     else:
-        raise SignalValidationError(field, f"expected an ISO-8601 string or datetime, "
-                                           f"got {type(value).__name__}")
+        raise SignalValidationError(field, f"expected an ISO-8601 string, datetime or epoch "
+                                           f"seconds, got {type(value).__name__}")
     if dt.tzinfo is None or dt.utcoffset() is None:
         dt = dt.replace(tzinfo=_UTC)
     try:
@@ -197,7 +235,8 @@ def normalise(signal: Mapping[str, Any]) -> tuple:
     if action is None:
         action = "NEUTRAL"
     else:
-        action = (_ACTIONS.get(action) or _ACTIONS.get(action.strip().upper())) if type(action) is str else None
+        action = (_ACTIONS.get(action) or (action.isascii() and _ACTIONS.get(action.strip(_SPACE).upper()))
+                  or None) if type(action) is str else None
         if action is None:
             raise SignalValidationError("action", f"must be BUY, SELL or NEUTRAL, got {get('action')!r}")
     entry = get("entry_price")
@@ -223,13 +262,9 @@ def normalise(signal: Mapping[str, Any]) -> tuple:
     ts = now if ts is None else format_timestamp(ts)
 
     target = get("target_price")
-    if target is None:
-        target = get("take_profit")
     if target is not None and (type(target) is not float or not 0.0 < target < math.inf):
         target = _price("target_price", target)
     stop = get("stop_price")
-    if stop is None:
-        stop = get("stop_loss")
     if stop is not None and (type(stop) is not float or not 0.0 < stop < math.inf):
         stop = _price("stop_price", stop)
     strategy = get("strategy")
@@ -254,10 +289,32 @@ def normalise(signal: Mapping[str, Any]) -> tuple:
     pnl = get("profit_loss_pct")
     if pnl is not None:
         pnl = _number("profit_loss_pct", pnl)
-    metadata = None if _KNOWN.issuperset(signal) else _metadata(signal)
+    metadata = None
+    if not _PLAIN.issuperset(signal):
+        if "take_profit" in signal:
+            target = _alias(signal, "take_profit", "target_price", target)
+        if "stop_loss" in signal:
+            stop = _alias(signal, "stop_loss", "stop_price", stop)
+        if not _KNOWN.issuperset(signal):
+            metadata = _metadata(signal)
     return (sid, symbol, action, entry, target, stop, confidence, strategy, asset_type,
             data_source, ts, regime, reasoning, service_type, executor_id, generated_by,
             order_id, outcome, exit_price, pnl, metadata)
+
+
+def _alias(signal: Mapping[str, Any], alias: str, field: str, value: Optional[float]) -> Optional[float]:
+    """``alias`` (e.g. ``take_profit``) stands for ``field``: it must be valid, and agree with
+    ``field`` (already validated as ``value``) when both are given."""
+    raw = signal[alias]
+    if raw is None:
+        return value
+    if value is None:
+        return _price(field, raw) if field not in signal else _price(alias, raw)
+    other = _price(alias, raw)
+    if other != value:
+        raise SignalValidationError(field, f"{field}={signal[field]!r} and {alias}={raw!r} disagree "
+                                           f"(give one, or equal values)")
+    return value
 
 
 def _metadata(signal: Mapping[str, Any]) -> Optional[str]:
@@ -273,13 +330,80 @@ def _metadata(signal: Mapping[str, Any]) -> Optional[str]:
     if base is not None:
         if not isinstance(base, Mapping):
             raise SignalValidationError("metadata", "must be a mapping")
+        for key, value in base.items():
+            if type(key) is not str:
+                raise SignalValidationError("metadata", f"keys must be strings, got {key!r}")
+            if key in signal and key != "metadata" and not _same(signal[key], value):
+                raise SignalValidationError(key, "given both at the top level and inside metadata, "
+                                                 "with different values")
         extra = {**base, **extra}
     if not extra:
         return None
+    _check_nesting(extra, 1)
     try:
         return json.dumps(extra, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise SignalValidationError("metadata", f"extra fields must be JSON-serialisable: {exc}") from None
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # e.g. an array, whose == is elementwise
+        return False
+
+
+def _check_nesting(value: Any, depth: int) -> None:
+    """Mapping keys must be strings (JSON would turn 1 into "1"); depth is bounded.
+    Circular containers are left to json.dumps, which names them."""
+    if depth > MAX_METADATA_DEPTH:
+        raise SignalValidationError("metadata", f"nested deeper than {MAX_METADATA_DEPTH} levels")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if type(key) is not str:
+                raise SignalValidationError("metadata", f"keys must be strings, got {key!r}")
+            if isinstance(item, (Mapping, list, tuple)):
+                _check_nesting(item, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            if isinstance(item, (Mapping, list, tuple)):
+                _check_nesting(item, depth + 1)
+
+
+def recheck(stored: Mapping[str, Any]) -> List[Tuple[str, str]]:
+    """Apply ``log_signal()``'s rules to a stored row: one ``(field, problem)`` per way the
+    row differs from what ``log_signal()`` would have stored (empty when it conforms)."""
+    sig: Dict[str, Any] = {name: stored.get(name) for name in FIELDS}
+    meta = sig.pop("metadata")
+    if meta is not None:
+        try:
+            meta = json.loads(meta)
+        except (TypeError, ValueError):
+            return [("metadata", "not JSON text")]
+        if not isinstance(meta, dict):
+            return [("metadata", "not a JSON object")]
+        sig["metadata"] = meta
+    if sig["timestamp"] is None:
+        return [("timestamp", "missing")]
+    try:
+        norm = normalise(sig)
+    except SignalValidationError as exc:
+        return [(exc.field, exc.problem)]
+    except TypeError as exc:  # e.g. an unhashable value where a key is looked up
+        return [("row", str(exc))]
+    out = []
+    for name, want in zip(FIELDS, norm):
+        have = stored.get(name)
+        if name == "metadata":
+            if (None if want is None else json.loads(want)) != meta:
+                out.append((name, "not what log_signal() stores for it"))
+        elif name == "timestamp" and isinstance(want, str) and isinstance(have, str):
+            if have != want and not (have.endswith("+00:00") and datetime.fromisoformat(have) ==
+                                     datetime.fromisoformat(want)):  # default ones keep ".000000"
+                out.append((name, f"stored {have!r}, log_signal() stores {want!r}"))
+        elif have != want or type(have) is not type(want):
+            out.append((name, f"stored {have!r}, log_signal() stores {want!r}"))
+    return out
 
 
 def normalise_update(fields: Mapping[str, Any]) -> Dict[str, Any]:
@@ -357,7 +481,7 @@ def finish(row: tuple) -> tuple:
     """
     ts = row[10]
     if type(ts) is float:
-        ts = _utc_iso(ts)
+        ts = DefaultTimestamp(_utc_iso(ts))
         row = row[:10] + (ts,) + row[11:]
     sid, symbol, action, entry, target, stop, confidence, strategy = row[:8]
     text = _hash_text(sid, symbol, action, entry, target, stop, confidence, strategy, ts)

@@ -8,6 +8,7 @@ FLUSH_REASONS = ("size", "timeout", "interval", "manual", "close")
 
 
 def percentile(sorted_values: list, q: float) -> Optional[float]:
+    """The nearest-rank ``q`` quantile (0-1) of an already sorted list; None when it is empty."""
     if not sorted_values:
         return None
     i = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))

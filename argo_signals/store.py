@@ -8,22 +8,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import sqlite_utils
 
-from .signal import FINISHED_FIELDS, UPDATABLE
+from .signal import FINISHED_FIELDS, UPDATABLE, DefaultTimestamp
 
-__all__ = ["connect", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
+__all__ = ["connect", "connect_readonly", "readonly_uri", "SYNC_STATUSES", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
            "SIGNAL_COLUMNS", "utc_now", "status_counts", "claim_due", "settle", "settle_many", "release",
            "settle_refused",
            "reset_status"]
 
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}
+# Values of signals.sync_status.
+SYNC_STATUSES = ("pending", "synced", "rejected", "skipped", "failed")
 
 SIGNAL_COLUMNS: Dict[str, type] = {
     "id": int, "signal_id": str, "symbol": str, "action": str, "entry_price": float,
@@ -37,6 +41,9 @@ SIGNAL_COLUMNS: Dict[str, type] = {
 }
 # Content columns: what makes two rows with one signal_id "the same signal".
 CONTENT_COLUMNS = tuple(c for c in FINISHED_FIELDS if c not in UPDATABLE)
+# ... less these when the new row's timestamp was filled in by default (a retry of a signal
+# logged without a timestamp gets a new one; the hash covers it, so it differs too).
+_DEFAULTED_TS_SKIP = frozenset(("timestamp", "sha256"))
 
 _INSERT_COLUMNS = FINISHED_FIELDS + ("created_at",)
 _ROW = f"({', '.join('?' * len(_INSERT_COLUMNS))})"
@@ -76,6 +83,16 @@ def connect(path: str, durability: str = "normal", busy_timeout: float = 5.0) ->
         conn.close()
         raise
     return conn
+
+
+def readonly_uri(path: str) -> str:
+    """A ``file:`` URI opening exactly ``path`` read-only (``%``, ``?``, ``#`` are escaped)."""
+    return f"file:{urllib.parse.quote(os.fsencode(os.path.abspath(path)), safe='/')}?mode=ro"
+
+
+def connect_readonly(path: str, timeout: float = 5.0) -> sqlite3.Connection:
+    """Open ``path`` read-only; raises ``sqlite3.OperationalError`` if it does not exist."""
+    return sqlite3.connect(readonly_uri(path), uri=True, timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -190,6 +207,8 @@ def _sort_out_conflicts(conn: sqlite3.Connection, rows: List[tuple], result: Bat
                         conflicts: int) -> None:
     """Some rows were ignored: same content as stored is a duplicate, other content is rejected."""
     idx = [FINISHED_FIELDS.index(c) for c in CONTENT_COLUMNS]
+    keep = [k for k, c in enumerate(CONTENT_COLUMNS) if c not in _DEFAULTED_TS_SKIP]
+    ts_at = FINISHED_FIELDS.index("timestamp")
     stored: Dict[str, tuple] = {}
     ids = [r[0] for r in rows]
     cols = ", ".join(CONTENT_COLUMNS)
@@ -204,7 +223,11 @@ def _sort_out_conflicts(conn: sqlite3.Connection, rows: List[tuple], result: Bat
         if have is None:
             _reject(result, r, "refused by the database")
             rejected += 1
-        elif have != tuple(r[i] for i in idx):
+            continue
+        want = tuple(r[i] for i in idx)
+        if type(r[ts_at]) is DefaultTimestamp:
+            have, want = tuple(have[k] for k in keep), tuple(want[k] for k in keep)
+        if have != want:
             _reject(result, r, "signal_id already stored with different content")
             rejected += 1
     result.duplicates += conflicts - rejected

@@ -204,7 +204,7 @@ def sync_state(db_path: str) -> Dict[str, Any]:
     if not os.path.exists(db_path):
         return out
     try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1.0)
+        conn = store.connect_readonly(db_path, timeout=1.0)
     except sqlite3.Error:
         return out
     try:

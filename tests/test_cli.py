@@ -264,3 +264,155 @@ def test_ingest_and_export_as_real_processes(db, tmp_path):
     out = script("export", "--db", db, "--format", "csv", "-o", target)
     assert out.returncode == 0 and "exported 4 signals" in out.stderr
     assert len(list(csv.DictReader(target.open()))) == 4
+
+
+# -- hostile data and operator edges ------------------------------------------------------------
+FORMULAS = ["=HYPERLINK(\"http://x\",\"y\")", "+1+1", "-2+3", "@SUM(A1)", "\tTAB", "'=quoted"]
+
+
+def test_export_csv_escapes_text_that_a_spreadsheet_would_run(db, tmp_path):
+    with SignalTracker(db, register_atexit=False) as t:
+        for i, text in enumerate(FORMULAS):
+            t.log_signal(make_signal(i, reasoning=text, strategy=text, profit_loss_pct=-1.5))
+    r = cli("export", "--db", db, "--format", "csv")
+    recs = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert [x["reasoning"] for x in recs] == ["'" + f for f in FORMULAS]
+    assert {x["profit_loss_pct"] for x in recs} == {"-1.5"}  # numbers are not text: left alone
+    raw = list(csv.DictReader(io.StringIO(cli("export", "--db", db, "--format", "csv", "--raw").stdout)))
+    assert [x["reasoning"] for x in raw] == FORMULAS
+    # an escaped export ingests back to the original text; a raw one with --raw
+    out = tmp_path / "x.csv"
+    out.write_text(r.stdout)
+    assert cli("ingest", out, "--csv", "--db", tmp_path / "back.db").exit_code == 0
+    assert [x["reasoning"] for x in rows(tmp_path / "back.db")] == FORMULAS
+    out.write_text(cli("export", "--db", db, "--format", "csv", "--raw").stdout)
+    assert cli("ingest", out, "--csv", "--raw", "--db", tmp_path / "raw.db").exit_code == 0
+    assert [x["reasoning"] for x in rows(tmp_path / "raw.db")] == FORMULAS
+
+
+def test_tail_escapes_control_characters_and_follow_rows_line_up(db):
+    with SignalTracker(db, register_atexit=False) as t:
+        t.log_signal(make_signal(1, symbol="\x1b[31mRED", strategy="a\tb\rc\x07"))
+    r = cli("tail", "--db", db)
+    assert "\x1b" not in r.output and "\x07" not in r.output and "\\x1b[31mRED" in r.output
+    assert "\r" not in r.output and r.output.count("\n") == 2
+    proc = subprocess.Popen([str(BIN / "argo-signals"), "tail", "--db", str(db), "-f", "--interval", "0.1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = LineReader(proc.stdout)
+    try:
+        header = out.readline()
+        first = out.readline()
+        with SignalTracker(db, register_atexit=False) as t:
+            t.log_signal(make_signal(2, symbol="\x1b[2JX", strategy="m"))
+        new = out.readline()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(5) == 0
+    finally:
+        proc.kill()
+    assert "\x1b" not in new and "\\x1b[2JX" in new
+    starts = [header.index(c) for c in ("timestamp", "symbol", "action", "entry_price", "sync_status")]
+    for line in (first, new):
+        assert all(line[s - 2:s] == "  " and line[s] != " " for s in starts), (header, line)
+
+
+def test_verify_rechecks_every_row_against_the_rules(db):
+    seeded(db, 4)
+    r = cli("verify", "--db", db)
+    assert r.exit_code == 0 and "hash covers: signal_id, symbol, action" in r.output
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE signals SET action = 'buy' WHERE id = 2")
+    conn.execute("UPDATE signals SET exit_price = -1 WHERE id = 3")
+    conn.execute("UPDATE signals SET entry_price = -1 WHERE id = 4")
+    conn.commit()
+    conn.close()
+    r = runner().invoke(main, ["verify", "--db", str(db), "--json"])
+    data = json.loads(r.output)
+    assert r.exit_code == 1
+    assert {(b["id"], b["field"]) for b in data["invalid"]} == {(2, "action"), (3, "exit_price"), (4, "entry_price")}
+    assert "exit_price" not in data["hash_covers"] and "action" in data["hash_covers"]
+    out = script("verify", "--db", db)
+    assert out.returncode == 1 and "3 rows break the rules of log_signal()" in out.stdout
+    assert "id 2 action:" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["p%41.db", "c?mode=rw.db", "h#x.db"])
+def test_db_paths_with_uri_characters_work_in_every_command(tmp_path, name):
+    path = tmp_path / name
+    decoy = tmp_path / "pA.db"  # what 'p%41.db' means as a URI
+    seeded(decoy, 5)
+    seeded(path, 2)
+    data = json.loads(cli("status", "--db", path, "--json").output)
+    assert data["signals"] == 2 and data["by_sync_status"]["pending"] == 2
+    assert len(cli("export", "--db", path).stdout.splitlines()) == 2
+    assert len(cli("tail", "--db", path).output.splitlines()) == 3
+    assert cli("verify", "--db", path).exit_code == 0
+    with SignalTracker(path, register_atexit=False) as t:
+        assert t.stats()["sync_pending"] == 2
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(make_signal(9)) + "\n")
+    assert cli("ingest", src, "--db", path).exit_code == 0
+    assert cli("demo", "--db", path, "--count", 3, "--quiet").exit_code == 0
+    assert count(path) == 6 and count(decoy) == 5
+
+
+def test_ingest_reports_invalid_utf8_lines_and_keeps_the_rest(db, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(json.dumps(make_signal(1)).encode() + b"\n"
+                    + b'{"symbol": "\xff\xfeBAD", "entry_price": 1, "confidence": 1}\n'
+                    + json.dumps(make_signal(3, reasoning="caf\u00e9")).encode() + b"\n")
+    r = runner().invoke(main, ["ingest", str(src), "--db", str(db)])
+    assert r.exit_code == 1 and "line 2: not valid UTF-8" in r.stderr and "Traceback" not in r.stderr
+    assert "2 accepted" in r.output and count(db) == 2
+    csv_src = tmp_path / "in.csv"
+    csv_src.write_bytes(b"symbol,entry_price,confidence\nAAPL,1,2\nX\xff,1,2\nMSFT,3,4\n")
+    r = runner().invoke(main, ["ingest", str(csv_src), "--csv", "--db", str(tmp_path / "c.db")])
+    assert r.exit_code == 1 and "line 3: not valid UTF-8" in r.stderr
+    assert [x["symbol"] for x in rows(tmp_path / "c.db")] == ["AAPL", "MSFT"]
+
+
+def test_ingest_of_csv_without_the_flag_says_so(db, tmp_path):
+    src = tmp_path / "s.csv"
+    src.write_text("symbol,action,entry_price,confidence\nAAPL,BUY,1,2\n")
+    r = runner().invoke(main, ["ingest", str(src), "--db", str(db)])
+    assert r.exit_code != 0 and "--csv" in r.stderr and "header" in r.stderr
+    assert r.stderr.count("not valid JSON") == 0 and not db.exists()
+
+
+def test_ingest_dedupe_makes_reingesting_idempotent(db, tmp_path):
+    src = tmp_path / "hand.jsonl"
+    src.write_text("\n".join(json.dumps({"symbol": s, "action": "BUY", "entry_price": p, "confidence": 50})
+                             for s, p in (("AAPL", 1), ("MSFT", 2), ("AAPL", "1.0"))) + "\n")
+    first = json.loads(cli("ingest", src, "--db", db, "--dedupe", "--json").output)
+    assert (first["persisted"], first["already_stored"]) == (2, 1)  # line 3 is line 1 again
+    again = json.loads(cli("ingest", src, "--db", db, "--dedupe", "--json").output)
+    assert (again["persisted"], again["already_stored"], again["rejected"]) == (0, 3, 0)
+    assert count(db) == 2
+    cli("ingest", src, "--db", db)  # without --dedupe every line is a new signal
+    assert count(db) == 5
+
+
+def test_export_status_is_a_choice(db):
+    seeded(db, 2)
+    r = runner().invoke(main, ["export", "--db", str(db), "--status", "bogus"])
+    assert r.exit_code == 2 and "bogus" in r.stderr
+    assert "pending" in cli("export", "--help").output and "synced" in cli("export", "--help").output
+    assert len(cli("export", "--db", db, "--status", "pending").stdout.splitlines()) == 2
+
+
+def test_db_before_or_after_the_command_and_from_the_environment(db, tmp_path):
+    seeded(db, 3)
+    for args, env in ((["--db", db, "status", "--json"], None), (["status", "--db", db, "--json"], None),
+                      (["status", "--json"], {"ARGO_SIGNALS_DB": str(db)}),
+                      (["--db", db, "status", "--json"], {"ARGO_SIGNALS_DB": str(tmp_path / "other.db")})):
+        r = runner().invoke(main, [str(a) for a in args], env=env)
+        assert r.exit_code == 0, (args, r.stderr)
+        assert json.loads(r.output)["signals"] == 3
+    r = runner().invoke(main, ["--db", str(tmp_path / "other.db"), "status", "--db", str(db), "--json"])
+    assert json.loads(r.output)["database"] == str(db)  # the one nearer the command wins
+    out = script("--db", db, "tail", "-n", 1)
+    assert out.returncode == 0 and len(out.stdout.splitlines()) == 2
+
+
+def test_sync_on_a_missing_database_says_so_first(tmp_path):
+    r = runner().invoke(main, ["sync", "--db", str(tmp_path / "missing.db")])
+    assert r.exit_code == 1 and "no database at" in r.stderr and "URL" not in r.stderr

@@ -37,7 +37,7 @@ BAD = [
     ({"stop_price": -5}, "stop_price"), ({"stop_loss": "x"}, "stop_price"),
     ({"signal_id": ""}, "signal_id"), ({"signal_id": "x" * 129}, "signal_id"),
     ({"signal_id": 5}, "signal_id"), ({"timestamp": "yesterday"}, "timestamp"),
-    ({"timestamp": 12345}, "timestamp"), ({"strategy": 3}, "strategy"),
+    ({"timestamp": [12345]}, "timestamp"), ({"strategy": 3}, "strategy"),
     ({"reasoning": b"bytes"}, "reasoning"), ({"symbol": "A\ud800"}, "symbol"),
     ({"sha256": "abc"}, "sha256"), ({"sync_status": "synced"}, "sync_status"),
     ({"extra": object()}, "metadata"), ({"extra": float("nan")}, "metadata"),
@@ -152,3 +152,126 @@ def test_default_timestamp_format_is_exact_utc_iso(ts):
     parsed = datetime.fromisoformat(text)
     assert parsed.utcoffset() == timedelta(0) and text.endswith("+00:00") and len(text) == 32
     assert abs(parsed.timestamp() - ts) <= 1e-6
+
+
+# -- hostile input: stored exactly, or refused naming the field ---------------------------------
+@pytest.mark.parametrize("ts", [float("nan"), float("inf"), -float("inf"), 1e20, -1e13, 10 ** 400, True])
+def test_bad_epoch_timestamps_name_the_field(ts):
+    with pytest.raises(SignalValidationError) as info:
+        normalise({**GOOD, "timestamp": ts})
+    assert info.value.field == "timestamp"
+
+
+def test_integer_epoch_timestamp_is_accepted_like_the_float():
+    as_int = as_dict(finish(normalise({**GOOD, "signal_id": "s", "timestamp": 1764300000})))
+    as_float = as_dict(finish(normalise({**GOOD, "signal_id": "s", "timestamp": 1764300000.0})))
+    assert as_int["timestamp"] == as_float["timestamp"] == "2025-11-28T03:20:00+00:00"
+    assert as_int["sha256"] == as_float["sha256"]
+
+
+def test_deeply_nested_metadata_is_refused_not_a_recursion_error():
+    deep = inner = {}
+    for _ in range(10_000):
+        inner["x"] = {}
+        inner = inner["x"]
+    for sig in ({**GOOD, "metadata": deep}, {**GOOD, "venue": deep}):
+        with pytest.raises(SignalValidationError) as info:
+            normalise(sig)
+        assert info.value.field == "metadata"
+    nested = inner = {}
+    for _ in range(30):
+        inner["x"] = [{}]
+        inner = inner["x"][0]
+    assert json.loads(as_dict(normalise({**GOOD, "metadata": nested}))["metadata"]) == nested
+
+
+@pytest.mark.parametrize("canonical,alias", [("target_price", "take_profit"), ("stop_price", "stop_loss")])
+def test_alias_and_field_must_agree(canonical, alias):
+    with pytest.raises(SignalValidationError) as info:
+        normalise({**GOOD, canonical: 200, alias: 210})
+    assert info.value.field == canonical
+    assert as_dict(normalise({**GOOD, canonical: 200, alias: "200.0"}))[canonical] == 200.0
+    assert as_dict(normalise({**GOOD, canonical: 200, alias: None}))[canonical] == 200.0
+    assert as_dict(normalise({**GOOD, canonical: None, alias: 210}))[canonical] == 210.0
+    assert as_dict(normalise({**GOOD, alias: 210}))[canonical] == 210.0
+
+
+@pytest.mark.parametrize("canonical,alias", [("target_price", "take_profit"), ("stop_price", "stop_loss")])
+@pytest.mark.parametrize("garbage", ["garbage", -1, float("nan"), True, [1]])
+def test_garbage_alias_next_to_a_valid_value_is_refused(canonical, alias, garbage):
+    with pytest.raises(SignalValidationError) as info:
+        normalise({**GOOD, canonical: 95.0, alias: garbage})
+    assert info.value.field == alias
+
+
+@pytest.mark.parametrize("key", ["venue", "symbol", "strategy"])
+def test_a_key_both_top_level_and_in_metadata_is_refused(key):
+    with pytest.raises(SignalValidationError) as info:
+        normalise({**GOOD, key: "XNAS", "metadata": {key: "ARCX"}})
+    assert info.value.field == key
+    same = as_dict(normalise({**GOOD, key: "XNAS", "metadata": {key: "XNAS"}}))
+    assert json.loads(same["metadata"])[key] == "XNAS"
+
+
+@pytest.mark.parametrize("meta", [{1: "a"}, {"a": {2: "b"}}, {"a": [{None: 1}]}, {("t",): 1}])
+def test_non_string_metadata_keys_are_refused(meta):
+    with pytest.raises(SignalValidationError) as info:
+        normalise({**GOOD, "metadata": meta})
+    assert info.value.field == "metadata"
+
+
+@pytest.mark.parametrize("override,field", [
+    ({"action": "\u017fell"}, "action"),            # long s: upper() makes it SELL
+    ({"action": "\u0299uy"}, "action"),
+    ({"action": "\u2003BUY"}, "action"),             # em space
+    ({"entry_price": "\u0661\u0662\u0663"}, "entry_price"),  # Arabic-Indic 123
+    ({"entry_price": "\uff11\uff12"}, "entry_price"),        # full-width 12
+    ({"confidence": "\u0665\u0660"}, "confidence"),
+    ({"target_price": "1_000"}, "target_price"),
+    ({"stop_loss": "\u0669"}, "stop_price"),
+    ({"entry_price": "0x10"}, "entry_price"),
+    ({"exit_price": "\u0967"}, "exit_price"),
+])
+def test_only_ascii_actions_and_numbers(override, field):
+    with pytest.raises(SignalValidationError) as info:
+        normalise({**GOOD, **override})
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("text,value", [("190", 190.0), (" 190.5\t", 190.5), ("+1e2", 100.0),
+                                        (".5", 0.5), ("5.", 5.0), ("1E-2", 0.01)])
+def test_ascii_number_text_forms(text, value):
+    assert as_dict(normalise({**GOOD, "entry_price": text}))["entry_price"] == value
+
+
+@pytest.mark.parametrize("action,want", [("buy", "BUY"), (" Sell ", "SELL"), ("neutral", "NEUTRAL")])
+def test_ascii_action_forms(action, want):
+    assert as_dict(normalise({**GOOD, "action": action}))["action"] == want
+
+
+def test_recheck_accepts_what_log_signal_stores_and_names_what_differs():
+    from argo_signals.signal import recheck
+    from argo_signals.demo import signals
+    import itertools
+    for sig in itertools.islice(signals(3), 200):
+        assert recheck(as_dict(finish(normalise(sig)))) == []
+    whole_second = as_dict(finish(normalise({**GOOD, "venue": "X"}) [:10] + (1764300000.0,)
+                                  + normalise(GOOD)[11:]))
+    assert whole_second["timestamp"].endswith(".000000+00:00") and recheck(whole_second) == []
+    row = as_dict(finish(normalise({**GOOD, "metadata": {"k": [1]}})))
+    assert [f for f, _ in recheck({**row, "action": "buy"})] == ["action"]
+    assert [f for f, _ in recheck({**row, "symbol": " AAPL"})] == ["symbol"]
+    assert [f for f, _ in recheck({**row, "exit_price": -1.0})] == ["exit_price"]
+    assert [f for f, _ in recheck({**row, "metadata": "{bad"})] == ["metadata"]
+    assert [f for f, _ in recheck({**row, "timestamp": "2026-01-02T05:04:05+02:00"})] == ["timestamp"]
+    assert [f for f, _ in recheck({**row, "entry_price": "190.5"})] == ["entry_price"]
+
+
+def test_metadata_conflict_check_survives_values_whose_equality_raises():
+    class Elementwise:
+        def __eq__(self, other):
+            raise ValueError("truth value is ambiguous")
+        __hash__ = object.__hash__
+    with pytest.raises(SignalValidationError) as info:
+        normalise({**GOOD, "venue": Elementwise(), "metadata": {"venue": Elementwise()}})
+    assert info.value.field == "venue"

@@ -1,0 +1,83 @@
+"""The package as installed: declared dependencies, the public namespace, one home per rule."""
+import ast
+import configparser
+import importlib.util
+import sys
+import sysconfig
+import types
+from pathlib import Path
+
+import argo_signals
+from argo_signals.stats import percentile
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = sorted((ROOT / "argo_signals").glob("*.py"))
+
+
+def _trees():
+    return {p.name: ast.parse(p.read_text()) for p in SOURCES}
+
+
+def _is_stdlib(name):
+    if name in sys.builtin_module_names:
+        return True
+    spec = importlib.util.find_spec(name)
+    origin = getattr(spec, "origin", None) or ""
+    paths = sysconfig.get_paths()
+    return origin in ("built-in", "frozen") or origin.startswith((paths["stdlib"], paths["platstdlib"]))
+
+
+def test_every_third_party_import_is_declared():
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    declared = set()
+    for section in ("install_requires",):
+        for line in cfg["options"][section].split("\n"):
+            if line.strip():
+                declared.add(line.strip().split(">")[0].split("=")[0].split("<")[0].strip().lower())
+    optional = {"matplotlib"}
+    imported = set()
+    for tree in _trees().values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module != "__future__":
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if not _is_stdlib(m)} - optional
+    assert {m.replace("_", "-") for m in third_party} <= declared, third_party
+    assert "click" in declared
+
+
+def test_public_namespace_is_all_and_submodules():
+    extra = [n for n in dir(argo_signals) if not n.startswith("_") and n not in argo_signals.__all__
+             and not isinstance(getattr(argo_signals, n), types.ModuleType)]
+    assert extra == []
+    assert all(hasattr(argo_signals, n) for n in argo_signals.__all__)
+    assert callable(argo_signals.stats)  # the function, not the argo_signals.stats module
+
+
+def test_percentile_nearest_rank():
+    assert percentile([], 0.5) is None
+    assert percentile([1.0], 0.99) == 1.0
+    assert percentile([1.0, 2.0, 3.0], 0.5) == 2.0
+    values = [float(i) for i in range(101)]
+    assert (percentile(values, 0.0), percentile(values, 0.99), percentile(values, 1.0)) == (0.0, 99.0, 100.0)
+
+
+def _defined_functions(tree):
+    return {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def test_one_home_for_percentile_and_reserved_columns():
+    trees = _trees()
+    homes = [name for name, tree in trees.items()
+             if any("pct" in f.lower() or "percentile" in f.lower() for f in _defined_functions(tree))]
+    assert homes == ["stats.py"]
+    reserved = []
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Tuple, ast.Set, ast.List)):
+                consts = {e.value for e in node.elts if isinstance(e, ast.Constant)}
+                if {"verification_hash", "sync_claim_until"} <= consts:
+                    reserved.append(name)
+    assert reserved == ["signal.py"]
