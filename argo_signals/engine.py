@@ -238,12 +238,11 @@ class Engine:
             self._degrade("interpreter exiting", never=True)
             return
         thread = threading.Thread(target=self._run, name="argo-signals-writer", daemon=True)
+        self._thread, self._started_at, self._state = thread, time.monotonic(), State.OPEN
         try:
             thread.start()
         except RuntimeError as exc:  # e.g. "can't create new thread at interpreter shutdown"
             self._degrade(f"writer thread cannot start: {exc}", never=True)
-            return
-        self._thread, self._started_at, self._state = thread, time.monotonic(), State.OPEN
 
     def _degrade(self, why: str, never: bool = False, wait: float = 0.0) -> None:  # under _lock
         self._state, self._why, self._thread = State.DEGRADED, why, None
@@ -275,6 +274,9 @@ class Engine:
                                   "synchronously for %.0fs", self.BROKEN_COOLDOWN)
                     self._degrade("writer thread keeps dying" if again else "writer thread died",
                                   wait=self.BROKEN_COOLDOWN if again else 0.0)
+        finally:
+            with self._progress:   # a flush() waiting on this thread stops waiting
+                self._progress.notify_all()
 
     def _loop(self) -> None:
         cfg, dq, wake = self.config, self._dq, self._wake
@@ -341,9 +343,11 @@ class Engine:
         if thread is not None and thread is not threading.current_thread():
             self._wake.set()
             with self._progress:
-                self._progress.wait_for(
-                    lambda: self._done >= target or self._thread is not thread,
-                    None if timeout is None else max(0.0, deadline - time.monotonic()))
+                while self._done < target and thread.is_alive():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._progress.wait(min(left, 0.1))
         if self._done < target and not self._run_until(target, "manual", deadline):
             return False
         return self._done >= target and self._settle_spill(deadline)
