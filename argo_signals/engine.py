@@ -50,7 +50,6 @@ class Sink(Protocol):
     def spill_pending(self) -> bool: ...
     def salvage(self, entries: Sequence[Entry]) -> Outcome: ...
     def close(self) -> None: ...
-    def interrupt(self) -> None: ...
     def after_fork(self) -> None: ...
 
 
@@ -59,12 +58,23 @@ class Sealed(Exception):
 
 
 class EntryQueue(queue.Queue):  # type: ignore[type-arg]
-    """``queue.Queue`` with a running count, a seal, and bulk take/put-back under its mutex."""
+    """``queue.Queue`` with a running count, a seal, and bulk take/put-back under its mutex.
+
+    ``seq`` (entries ever queued, in queue order) is ``taken + len(queue)``, so appending
+    costs no counter.  Producers append under ``mutex`` while ``len(queue) < limit``;
+    ``seal()`` sets ``limit`` to 0, and the stdlib's blocking ``put()`` then meets ``Sealed``.
+    """
 
     def __init__(self, maxsize: int) -> None:
         super().__init__(maxsize)
-        self.seq = 0          # entries ever queued, in queue order
+        self.taken = 0
+        self.limit = maxsize
         self.sealed = False
+
+    @property
+    def seq(self) -> int:
+        with self.mutex:
+            return self.taken + len(self.queue)
 
     def _qsize(self) -> int:  # sealed: waiting producers wake and meet Sealed in _put
         return 0 if self.sealed else len(self.queue)
@@ -73,31 +83,35 @@ class EntryQueue(queue.Queue):  # type: ignore[type-arg]
         if self.sealed:
             raise Sealed
         self.queue.append(item)
-        self.seq += 1
 
     def force_put(self, item: Entry) -> int:
         """Queue past the bound and the seal; returns the entry's position (its ``seq``)."""
         with self.mutex:
             self.queue.append(item)
-            self.seq += 1
-            return self.seq
+            return self.taken + len(self.queue)
 
     def take(self, n: int) -> List[Entry]:
         with self.mutex:
             q = self.queue
             out = [q.popleft() for _ in range(min(n, len(q)))]
             if out:
+                self.taken += len(out)
                 self.not_full.notify_all()
             return out
 
     def put_back(self, items: List[Entry]) -> None:
         with self.mutex:
             self.queue.extendleft(reversed(items))
+            self.taken -= len(items)
 
     def seal(self) -> None:
         with self.mutex:
             self.sealed = True
+            self.limit = 0
             self.not_full.notify_all()
+
+
+_OPEN = State.OPEN
 
 
 class Engine:
@@ -111,12 +125,14 @@ class Engine:
         self.stats = stats
         self.exiting = exiting
         self.on_tick = on_tick
+        self._wake_at = config.batch_size - 1   # queue length before an append that fills a batch
         self._restarts = 0
         self._reset(State.OPEN)
 
     def _reset(self, state: State, why: Optional[str] = None) -> None:
         self._q = EntryQueue(self.config.max_queue_size)
         self._dq = self._q.queue
+        self._limit = self.config.max_queue_size   # 0 once sealed
         self._lock = threading.Lock()          # state transitions
         self._write_lock = threading.Lock()    # whoever runs the sink
         self._progress = threading.Condition(threading.Lock())
@@ -128,6 +144,7 @@ class Engine:
         self._started_at = 0.0
         self._done = 0                         # entries handled, in queue order
         self._flush_to = 0
+        self._inflight: List[Entry] = []       # the batch being written, for close()'s salvage
         self._armed = False
         self._stop_at = float("inf")           # set by close(): stop retrying, spill by then
         self._causes: set = set()
@@ -141,16 +158,23 @@ class Engine:
 
     # -- producers ----------------------------------------------------------------------------
     def put(self, entry: Entry) -> None:
-        if self._state is State.OPEN:
-            try:
-                self._q.put_nowait(entry)
-            except (queue.Full, Sealed):
-                self._put_slow(entry)
+        """Queue ``entry``, or take the slow path.
+
+        The hot path appends to the queue's deque without its mutex (a deque append is atomic)
+        and checks the seal *after* appending: if ``close()`` sealed the queue meanwhile, the
+        entry may be behind the closer's last take, so this caller writes what is queued
+        itself.  An append seen before the seal is always covered by the closer's count."""
+        if self._state is _OPEN:
+            dq = self._dq
+            n = len(dq)
+            if n < self._limit:
+                dq.append(entry)
+                if not self._limit:
+                    self._write_queued("tracker closed")
+                elif self._armed or (n >= self._wake_at and not self._wake.is_set()):
+                    self._armed = False
+                    self._wake.set()
                 return
-            if self._armed or (len(self._dq) >= self.config.batch_size and not self._wake.is_set()):
-                self._armed = False
-                self._wake.set()
-            return
         self._put_slow(entry)
 
     def _put_slow(self, entry: Entry) -> None:
@@ -174,11 +198,16 @@ class Engine:
 
     def _write_through(self, entry: Entry, cause: str) -> None:
         """The caller runs the sink: everything queued before its entry, then its entry."""
+        self._write_to(self._q.force_put(entry), cause)
+
+    def _write_queued(self, cause: str) -> None:
+        self._write_to(self._q.seq, cause)
+
+    def _write_to(self, target: int, cause: str) -> None:
         self.stats.fallback_writes += 1
         if cause not in self._causes:
             self._causes.add(cause)
             log.warning("synchronous fallback (%s): the calling thread writes to SQLite", cause)
-        target = self._q.force_put(entry)
         try:
             if self._run_until(target, None, time.monotonic() + self.config.write_retry_budget + 5.0):
                 return
@@ -208,11 +237,14 @@ class Engine:
         batch = self._q.take(n)
         if not batch:
             return True
+        self._inflight = batch
         try:
             outcome = self.sink.write(batch, reason, self._deadline)
         except BaseException:
             self._q.put_back(batch)   # Ctrl-C, SystemExit, a bug: nothing taken is dropped
             raise
+        finally:
+            self._inflight = []
         if outcome is Outcome.HELD:
             self._q.put_back(batch)
             return False
@@ -369,13 +401,11 @@ class Engine:
                 # a batch still failing near the deadline is spilled rather than left in memory
                 self._stop_at = deadline - max(0.2, limit * 0.25)
             thread = self._thread
+        self._limit = 0
         self._q.seal()
         self._wake.set()
         if thread is not None and thread is not threading.current_thread():
-            thread.join(max(0.0, self._stop_at - time.monotonic()))
-            if thread.is_alive():   # stuck in a statement (a lock held elsewhere): cut it short
-                self.sink.interrupt()
-                thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, deadline - time.monotonic()))
         target = self._q.seq
         ok = self._run_until(target, "close", deadline)
         if not ok:
@@ -395,10 +425,12 @@ class Engine:
         return ok
 
     def _salvage(self) -> None:
-        """close() ran out of time: what is still queued leaves memory now (spill or stderr)."""
+        """close() ran out of time: what is still queued leaves memory now (spill or stderr),
+        and so, as a precaution, does the batch a stuck write holds (should that write still
+        succeed, the replay finds those rows stored and skips them)."""
         entries = self._q.take(len(self._dq))
-        if entries:
-            self.sink.salvage(entries)
+        if entries or self._inflight:
+            self.sink.salvage(list(self._inflight) + entries)
             self._advance(len(entries))
 
     # -- fork --------------------------------------------------------------------------------------

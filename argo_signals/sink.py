@@ -103,12 +103,6 @@ class SQLiteSink:
             self._conn = None
         self._busy = self.config.busy_timeout
 
-    def interrupt(self) -> None:
-        """Abort the statement running on another thread (it fails as 'interrupted')."""
-        conn = self._conn
-        if conn is not None:
-            conn.interrupt()
-
     def after_fork(self) -> None:
         if self._conn is not None:
             _INHERITED.append(self._conn)

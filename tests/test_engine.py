@@ -47,9 +47,6 @@ class FakeSink:
     def close(self):
         self.closed += 1
 
-    def interrupt(self):
-        pass
-
     def after_fork(self):
         pass
 
