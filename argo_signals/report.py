@@ -1,0 +1,310 @@
+"""The report's numbers: pipeline health and signal quality, aggregated in SQL.
+
+Every figure comes from a ``GROUP BY`` (or a window function for percentiles) inside SQLite,
+so the rows never travel into Python: only a few hundred aggregate rows do.  ``collect()``
+returns a JSON-ready dict with exact values (durations in integer milliseconds, the
+resolution of SQLite's date functions); ``report_html`` renders it.
+
+The period is by commit time (``created_at``, UTC).  It is cut into at most ``MAX_BUCKETS``
+intervals of a round width, and every interval is listed, empty ones included, so that a
+gap in a busy stream shows.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import spill
+from .signal import SignalValidationError, format_timestamp
+
+__all__ = ["ReportError", "parse_since", "collect", "DEFAULT_BATCH_TIMEOUT", "MAX_BUCKETS",
+           "SYNC_STATES", "ACTIONS", "CONFIDENCE_BANDS"]
+
+DEFAULT_BATCH_TIMEOUT = 5.0  # SignalTracker's default: the reference line for time to durable
+MAX_BUCKETS = 60
+SYNC_STATES = ("synced", "pending", "skipped", "rejected", "failed")
+ACTIONS = ("BUY", "SELL", "NEUTRAL")
+CONFIDENCE_BANDS = 10  # 0-10, 10-20, ... 90-100
+TOP_REASONS = 10
+
+_UTC = timezone.utc
+_SECOND = 1000
+_NICE_MS = (10, 20, 50, 100, 200, 500,
+            _SECOND, 2 * _SECOND, 5 * _SECOND, 10 * _SECOND, 15 * _SECOND, 30 * _SECOND,
+            60 * _SECOND, 120 * _SECOND, 300 * _SECOND, 600 * _SECOND, 900 * _SECOND, 1800 * _SECOND,
+            3600 * _SECOND, 7200 * _SECOND, 10800 * _SECOND, 21600 * _SECOND, 43200 * _SECOND,
+            86400 * _SECOND, 2 * 86400 * _SECOND, 7 * 86400 * _SECOND)
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class ReportError(Exception):
+    """The report cannot be made (no database, not an argo-signals database, bad --since)."""
+
+
+def _ms_between(later: str, earlier: str) -> str:
+    """SQL: whole milliseconds from ``earlier`` to ``later`` (NULL when either is NULL)."""
+    return f"CAST(round((julianday({later}) - julianday({earlier})) * 86400000.0) AS INTEGER)"
+
+
+def parse_since(value: str, now: datetime) -> datetime:
+    """``24h``, ``7d``, ``30m``, ``90s``, ``2w`` (before ``now``) or an ISO-8601 time (naive = UTC)."""
+    m = _RELATIVE.match(value)
+    if m:
+        return now - timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2).lower()])
+    try:
+        return datetime.fromisoformat(format_timestamp(value, "--since"))
+    except SignalValidationError as exc:
+        raise ReportError(f"--since: expected 24h, 7d, 30m or an ISO-8601 time, got {value!r} ({exc.problem})") from None
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(_UTC).isoformat()
+
+
+def _parse(text: Optional[str]) -> Optional[datetime]:
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text).astimezone(_UTC)
+    except ValueError:
+        return None
+
+
+def _epoch_ms(dt: datetime) -> int:
+    return int(round(dt.timestamp() * 1000))
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, _UTC)
+
+
+def _bucket_width_ms(span_ms: int) -> int:
+    need = span_ms / MAX_BUCKETS
+    for w in _NICE_MS:
+        if w >= need:
+            return w
+    step = 30 * 86400 * _SECOND
+    return int(math.ceil(need / step)) * step
+
+
+def _open(db_path: str) -> sqlite3.Connection:
+    if not os.path.exists(db_path):
+        raise ReportError(f"no database at {db_path}")
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5.0)
+    try:
+        conn.execute("SELECT created_at, sync_status, outcome, profit_loss_pct FROM signals LIMIT 1")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise ReportError(f"{db_path} is not an argo-signals database ({exc})") from None
+    return conn
+
+
+def _percentiles_sql(value: str, where: str, bucket: str) -> str:
+    """Nearest-rank p50/p99 (index round(q*(n-1)) of the sorted values) per bucket and overall."""
+    def pick(q: float, i: str, n: str) -> str:
+        return f"max(CASE WHEN {i} = CAST(round({q} * ({n} - 1)) AS INTEGER) THEN x END)"
+    return (
+        f"WITH v AS (SELECT {bucket} AS b, {value} AS x FROM signals WHERE {where}), "
+        "r AS (SELECT b, x, row_number() OVER (PARTITION BY b ORDER BY x) - 1 AS i, "
+        "count(*) OVER (PARTITION BY b) AS n, row_number() OVER (ORDER BY x) - 1 AS gi, "
+        "count(*) OVER () AS gn FROM v WHERE x IS NOT NULL) "
+        f"SELECT b, n, {pick(0.5, 'i', 'n')}, {pick(0.99, 'i', 'n')}, gn, {pick(0.5, 'gi', 'gn')}, "
+        f"{pick(0.99, 'gi', 'gn')} FROM r GROUP BY b")
+
+
+def _percentiles(conn: sqlite3.Connection, value: str, where: str, bucket: str,
+                 params: Dict[str, Any]) -> Tuple[Dict[int, Dict[str, Any]], Dict[str, Any]]:
+    per: Dict[int, Dict[str, Any]] = {}
+    overall: Dict[str, Any] = {"n": 0, "p50": None, "p99": None}
+    for b, n, p50, p99, gn, g50, g99 in conn.execute(_percentiles_sql(value, where, bucket), params):
+        per[b] = {"n": n, "p50": p50, "p99": p99}
+        overall = {"n": gn, "p50": overall["p50"] if g50 is None else g50,
+                   "p99": overall["p99"] if g99 is None else g99}
+    return per, overall
+
+
+def collect(db_path: str, since: Optional[str] = None, strategy: Optional[str] = None,
+            now: Optional[datetime] = None, batch_timeout: float = DEFAULT_BATCH_TIMEOUT) -> Dict[str, Any]:
+    """All of the report's numbers for ``db_path`` (see docs/cli.md for the meaning of each)."""
+    now = (now or datetime.now(_UTC)).astimezone(_UTC)
+    since_dt = parse_since(since, now) if since else None
+    conn = _open(db_path)
+    try:
+        return _collect(conn, db_path, since_dt, strategy, now, batch_timeout)
+    finally:
+        conn.close()
+
+
+def _collect(conn: sqlite3.Connection, db_path: str, since_dt: Optional[datetime], strategy: Optional[str],
+             now: datetime, batch_timeout: float) -> Dict[str, Any]:
+    clauses: List[str] = []
+    params: Dict[str, Any] = {}
+    if since_dt is not None:
+        clauses.append("created_at >= :since")
+        params["since"] = _iso(since_dt)
+    if strategy is not None:
+        clauses.append("strategy = :strategy")
+        params["strategy"] = strategy
+    where = " AND ".join(clauses) or "1"
+
+    if since_dt is not None:
+        last = conn.execute("SELECT max(created_at) FROM signals").fetchone()[0]
+        start, end = since_dt, max(now, _parse(last) or now)
+    else:
+        first, last = conn.execute(f"SELECT min(created_at), max(created_at) FROM signals WHERE {where}",
+                                   params).fetchone()
+        start, end = _parse(first) or now, _parse(last) or now
+    start_ms, end_ms = _epoch_ms(start), _epoch_ms(end)
+    width = _bucket_width_ms(max(1, end_ms - start_ms + 1))
+    origin_ms = start_ms // width * width
+    n_buckets = (end_ms - origin_ms) // width + 1
+    params["origin"] = _iso(_from_ms(origin_ms))
+    params["width"] = width
+    bucket = f"({_ms_between('created_at', ':origin')} / :width)"
+
+    report: Dict[str, Any] = {
+        "database": db_path,
+        "generated_at": _iso(now),
+        "filter": {"strategy": strategy},
+        "period": {"since": _iso(start), "until": _iso(end), "by": "created_at (commit time), UTC",
+                   "interval_ms": width, "interval_count": n_buckets},
+        "batch_timeout_ms": int(round(batch_timeout * 1000)),
+    }
+    report["health"] = _health(conn, db_path, where, params, bucket, origin_ms, width, n_buckets, strategy, now)
+    report["quality"] = _quality(conn, where, params, bucket, origin_ms, width)
+    return report
+
+
+def _health(conn: sqlite3.Connection, db_path: str, where: str, params: Dict[str, Any], bucket: str,
+            origin_ms: int, width: int, n_buckets: int, strategy: Optional[str], now: datetime) -> Dict[str, Any]:
+    intervals = [{"start": _iso(_from_ms(origin_ms + k * width)), "commits": {a: 0 for a in ACTIONS},
+                  "total": 0, "sync": {s: 0 for s in SYNC_STATES}} for k in range(n_buckets)]
+    totals = {"signals": 0, "by_action": {a: 0 for a in ACTIONS}, "by_sync_status": {s: 0 for s in SYNC_STATES}}
+    for b, action, status, n in conn.execute(
+            f"SELECT {bucket}, action, sync_status, count(*) FROM signals WHERE {where} GROUP BY 1, 2, 3", params):
+        slot = intervals[min(max(b, 0), n_buckets - 1)]
+        slot["commits"][action] = slot["commits"].get(action, 0) + n
+        slot["sync"][status] = slot["sync"].get(status, 0) + n
+        slot["total"] += n
+        totals["signals"] += n
+        totals["by_action"][action] = totals["by_action"].get(action, 0) + n
+        totals["by_sync_status"][status] = totals["by_sync_status"].get(status, 0) + n
+
+    durable, durable_all = _percentiles(conn, _ms_between("created_at", "timestamp"), where, bucket, params)
+    lag, lag_all = _percentiles(conn, _ms_between("synced_at", "created_at"),
+                                f"{where} AND sync_status = 'synced' AND synced_at IS NOT NULL", bucket, params)
+    for k, slot in enumerate(intervals):
+        slot["time_to_durable_ms"] = durable.get(k, {"n": 0, "p50": None, "p99": None})
+        slot["sync_lag_ms"] = lag.get(k, {"n": 0, "p50": None, "p99": None})
+
+    errors = [{"reason": r, "status": s, "count": n} for r, s, n in conn.execute(
+        f"SELECT sync_error, sync_status, count(*) FROM signals WHERE {where} AND sync_error IS NOT NULL "
+        f"GROUP BY 1, 2 ORDER BY 3 DESC, 1 LIMIT {TOP_REASONS}", params)]
+    refused_where, refused_params = ["1"], {}
+    if "since" in params:
+        refused_where.append("rejected_at >= :since")
+        refused_params["since"] = params["since"]
+    if strategy is not None:
+        refused_where.append("json_valid(payload) AND json_extract(payload, '$.strategy') = :strategy")
+        refused_params["strategy"] = strategy
+    rw = " AND ".join(refused_where)
+    refused_total = conn.execute(f"SELECT count(*) FROM rejected_signals WHERE {rw}", refused_params).fetchone()[0]
+    refusals = [{"reason": r, "count": n} for r, n in conn.execute(
+        f"SELECT reason, count(*) FROM rejected_signals WHERE {rw} GROUP BY 1 ORDER BY 2 DESC, 1 "
+        f"LIMIT {TOP_REASONS}", refused_params)]
+
+    # current state, whole database (not only the period): the outbox's oldest waiting row
+    pend_where, pend_params = "sync_status = 'pending'", {}
+    if strategy is not None:
+        pend_where += " AND strategy = :strategy"
+        pend_params["strategy"] = strategy
+    pending_now = conn.execute(f"SELECT count(*) FROM signals WHERE {pend_where}", pend_params).fetchone()[0]
+    oldest = conn.execute(f"SELECT created_at FROM signals WHERE {pend_where} ORDER BY id LIMIT 1",
+                          pend_params).fetchone()
+    oldest_at = _parse(oldest[0]) if oldest else None
+    return {
+        **totals,
+        "intervals": intervals,
+        "time_to_durable_ms": durable_all,
+        "sync_lag_ms": lag_all,
+        "sync_errors": errors,
+        "refused": {"total": refused_total, "top_reasons": refusals},
+        "pending_now": pending_now,
+        "oldest_pending": None if oldest is None else {
+            "created_at": oldest[0],
+            "age_ms": None if oldest_at is None else _epoch_ms(now) - _epoch_ms(oldest_at)},
+        "spill_lines": spill.pending_count(spill.spill_path(db_path)),
+    }
+
+
+_WIN, _LOSS = "lower(trim(outcome)) = 'win'", "lower(trim(outcome)) = 'loss'"
+
+
+def _quality(conn: sqlite3.Connection, where: str, params: Dict[str, Any], bucket: str,
+             origin_ms: int, width: int) -> Dict[str, Any]:
+    strategies = []
+    for (name, n, buy, sell, neutral, conf, closed, wins, losses, with_pnl, mean_pnl, total_pnl) in conn.execute(
+            "SELECT strategy, count(*), sum(action = 'BUY'), sum(action = 'SELL'), sum(action = 'NEUTRAL'), "
+            f"avg(confidence), count(outcome), count(CASE WHEN {_WIN} THEN 1 END), count(CASE WHEN {_LOSS} THEN 1 END), count(profit_loss_pct), "
+            f"avg(profit_loss_pct), sum(profit_loss_pct) FROM signals WHERE {where} "
+            "GROUP BY strategy ORDER BY count(*) DESC, strategy", params):
+        strategies.append({
+            "strategy": name, "signals": n, "buy": buy, "sell": sell, "neutral": neutral,
+            "mean_confidence": conf, "closed": closed, "wins": wins, "losses": losses,
+            "win_rate": wins / (wins + losses) if wins + losses else None,
+            "with_pnl": with_pnl, "mean_pnl_pct": mean_pnl, "total_pnl_pct": total_pnl})
+
+    cumulative: Dict[str, List[Dict[str, Any]]] = {}
+    running: Dict[str, float] = {}
+    for name, b, n, total in conn.execute(
+            f"SELECT strategy, {bucket}, count(*), sum(profit_loss_pct) FROM signals "
+            f"WHERE {where} AND profit_loss_pct IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2", params):
+        running[name] = running.get(name, 0.0) + total
+        cumulative.setdefault(name, []).append({
+            "interval": b, "end": _iso(_from_ms(origin_ms + (b + 1) * width)), "closed": n, "pnl_pct": total,
+            "cumulative_pnl_pct": running[name]})
+
+    band = f"min({CONFIDENCE_BANDS - 1}, CAST(confidence / {100 // CONFIDENCE_BANDS} AS INTEGER))"
+    got = {b: (n, w) for b, n, w in conn.execute(
+        f"SELECT {band}, count(*), count(CASE WHEN {_WIN} THEN 1 END) FROM signals WHERE {where} AND ({_WIN} OR {_LOSS}) GROUP BY 1",
+        params)}
+    step = 100 // CONFIDENCE_BANDS
+    calibration = [{"low": k * step, "high": (k + 1) * step, "decided": got.get(k, (0, 0))[0],
+                    "wins": got.get(k, (0, 0))[1],
+                    "win_rate": got[k][1] / got[k][0] if k in got and got[k][0] else None}
+                   for k in range(CONFIDENCE_BANDS)]
+
+    return {"by_strategy": strategies, "cumulative_pnl": cumulative, "calibration": calibration,
+            "pnl_distribution": _distribution(conn, where, params)}
+
+
+def _nice_step(raw: float) -> float:
+    if raw <= 0:
+        return 1.0
+    exp = math.floor(math.log10(raw))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * 10 ** exp >= raw:
+            return m * 10 ** exp
+    return 10 ** (exp + 1)  # pragma: no cover
+
+
+def _distribution(conn: sqlite3.Connection, where: str, params: Dict[str, Any], bins: int = 20) -> Dict[str, Any]:
+    n, lo, hi = conn.execute(f"SELECT count(profit_loss_pct), min(profit_loss_pct), max(profit_loss_pct) "
+                             f"FROM signals WHERE {where}", params).fetchone()
+    if not n:
+        return {"n": 0, "bin_width": None, "bins": []}
+    step = _nice_step((hi - lo) / bins)
+    start = math.floor(lo / step) * step
+    count = int(math.floor((hi - start) / step)) + 1
+    got = dict(conn.execute(
+        f"SELECT min({count - 1}, CAST((profit_loss_pct - :lo) / :step AS INTEGER)), count(*) "
+        f"FROM signals WHERE {where} AND profit_loss_pct IS NOT NULL GROUP BY 1",
+        {**params, "lo": start, "step": step}))
+    return {"n": n, "min": lo, "max": hi, "bin_width": step,
+            "bins": [{"low": start + k * step, "high": start + (k + 1) * step, "count": got.get(k, 0)}
+                     for k in range(count)]}
