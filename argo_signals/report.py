@@ -16,7 +16,7 @@ import os
 import re
 import sqlite3
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from . import spill
 from .signal import SignalValidationError, format_timestamp
@@ -30,6 +30,7 @@ SYNC_STATES = ("synced", "pending", "skipped", "rejected", "failed")
 ACTIONS = ("BUY", "SELL", "NEUTRAL")
 CONFIDENCE_BANDS = 10  # 0-10, 10-20, ... 90-100
 TOP_REASONS = 10
+_MERGE_LIMIT = 100_000  # distinct values merged in Python for the overall percentiles
 
 _UTC = timezone.utc
 _SECOND = 1000
@@ -104,27 +105,54 @@ def _open(db_path: str) -> sqlite3.Connection:
     return conn
 
 
-def _percentiles_sql(value: str, where: str, bucket: str) -> str:
-    """Nearest-rank p50/p99 (index round(q*(n-1)) of the sorted values) per bucket and overall."""
-    def pick(q: float, i: str, n: str) -> str:
-        return f"max(CASE WHEN {i} = CAST(round({q} * ({n} - 1)) AS INTEGER) THEN x END)"
-    return (
-        f"WITH v AS (SELECT {bucket} AS b, {value} AS x FROM signals WHERE {where}), "
-        "r AS (SELECT b, x, row_number() OVER (PARTITION BY b ORDER BY x) - 1 AS i, "
-        "count(*) OVER (PARTITION BY b) AS n, row_number() OVER (ORDER BY x) - 1 AS gi, "
-        "count(*) OVER () AS gn FROM v WHERE x IS NOT NULL) "
-        f"SELECT b, n, {pick(0.5, 'i', 'n')}, {pick(0.99, 'i', 'n')}, gn, {pick(0.5, 'gi', 'gn')}, "
-        f"{pick(0.99, 'gi', 'gn')} FROM r GROUP BY b")
+def _rank(q: float, n: int) -> int:
+    """Nearest rank: the index round(q * (n - 1)) (halves up) into the n sorted values."""
+    return int(math.floor(q * (n - 1) + 0.5))
+
+
+def _pick(pairs: Iterable[Tuple[int, int]], n: int) -> Dict[str, Any]:
+    """p50/p99 of n values given as sorted (value, how many) pairs."""
+    out: Dict[str, Any] = {"n": n, "p50": None, "p99": None}
+    wanted = {"p50": _rank(0.5, n), "p99": _rank(0.99, n)}
+    seen = 0
+    for value, count in pairs:
+        for key, idx in wanted.items():
+            if out[key] is None and seen <= idx < seen + count:
+                out[key] = value
+        seen += count
+    return out
 
 
 def _percentiles(conn: sqlite3.Connection, value: str, where: str, bucket: str,
                  params: Dict[str, Any]) -> Tuple[Dict[int, Dict[str, Any]], Dict[str, Any]]:
+    """Exact p50/p99 of ``value`` (integer ms) per bucket and overall.
+
+    SQLite counts each distinct (bucket, value); Python walks those sorted counts one bucket
+    at a time and merges them for the overall figures, so memory follows the number of
+    distinct values, not rows (past ``_MERGE_LIMIT`` of them SQLite counts the overall too)."""
     per: Dict[int, Dict[str, Any]] = {}
-    overall: Dict[str, Any] = {"n": 0, "p50": None, "p99": None}
-    for b, n, p50, p99, gn, g50, g99 in conn.execute(_percentiles_sql(value, where, bucket), params):
-        per[b] = {"n": n, "p50": p50, "p99": p99}
-        overall = {"n": gn, "p50": overall["p50"] if g50 is None else g50,
-                   "p99": overall["p99"] if g99 is None else g99}
+    merged: Optional[Dict[int, int]] = {}
+    current: Optional[int] = None
+    pairs: List[Tuple[int, int]] = []
+    for b, x, c in conn.execute(f"SELECT {bucket}, {value} AS x, count(*) FROM signals WHERE {where} "
+                                "AND x IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2", params):
+        if b != current:
+            if current is not None:
+                per[current] = _pick(pairs, sum(n for _, n in pairs))
+            current, pairs = b, []
+        pairs.append((x, c))
+        if merged is not None:
+            merged[x] = merged.get(x, 0) + c
+            if len(merged) > _MERGE_LIMIT:
+                merged = None
+    if current is not None:
+        per[current] = _pick(pairs, sum(n for _, n in pairs))
+    total = sum(p["n"] for p in per.values())
+    if merged is not None:
+        overall = _pick(sorted(merged.items()), total)
+    else:
+        overall = _pick(conn.execute(f"SELECT {value} AS x, count(*) FROM signals WHERE {where} "
+                                     "AND x IS NOT NULL GROUP BY 1 ORDER BY 1", params), total)
     return per, overall
 
 
@@ -247,17 +275,36 @@ _WIN, _LOSS = "lower(trim(outcome)) = 'win'", "lower(trim(outcome)) = 'loss'"
 
 def _quality(conn: sqlite3.Connection, where: str, params: Dict[str, Any], bucket: str,
              origin_ms: int, width: int) -> Dict[str, Any]:
+    step = 100 // CONFIDENCE_BANDS
+    band = f"min({CONFIDENCE_BANDS - 1}, CAST(confidence / {step} AS INTEGER))"
+    per: Dict[str, Dict[str, Any]] = {}
+    bands = [{"low": k * step, "high": (k + 1) * step, "decided": 0, "wins": 0} for k in range(CONFIDENCE_BANDS)]
+    lo = hi = None
+    for (name, k, n, buy, sell, neutral, conf, closed, wins, losses, with_pnl, pnl, pmin, pmax) in conn.execute(
+            f"SELECT strategy, {band}, count(*), sum(action = 'BUY'), sum(action = 'SELL'), "
+            f"sum(action = 'NEUTRAL'), total(confidence), count(outcome), count(CASE WHEN {_WIN} THEN 1 END), "
+            f"count(CASE WHEN {_LOSS} THEN 1 END), count(profit_loss_pct), total(profit_loss_pct), "
+            f"min(profit_loss_pct), max(profit_loss_pct) FROM signals WHERE {where} GROUP BY 1, 2", params):
+        s = per.setdefault(name, {"strategy": name, "signals": 0, "buy": 0, "sell": 0, "neutral": 0, "conf": 0.0,
+                                  "closed": 0, "wins": 0, "losses": 0, "with_pnl": 0, "pnl": 0.0})
+        for key, v in (("signals", n), ("buy", buy), ("sell", sell), ("neutral", neutral), ("conf", conf),
+                       ("closed", closed), ("wins", wins), ("losses", losses), ("with_pnl", with_pnl), ("pnl", pnl)):
+            s[key] += v
+        bands[k]["decided"] += wins + losses
+        bands[k]["wins"] += wins
+        if pmin is not None:
+            lo = pmin if lo is None else min(lo, pmin)
+            hi = pmax if hi is None else max(hi, pmax)
     strategies = []
-    for (name, n, buy, sell, neutral, conf, closed, wins, losses, with_pnl, mean_pnl, total_pnl) in conn.execute(
-            "SELECT strategy, count(*), sum(action = 'BUY'), sum(action = 'SELL'), sum(action = 'NEUTRAL'), "
-            f"avg(confidence), count(outcome), count(CASE WHEN {_WIN} THEN 1 END), count(CASE WHEN {_LOSS} THEN 1 END), count(profit_loss_pct), "
-            f"avg(profit_loss_pct), sum(profit_loss_pct) FROM signals WHERE {where} "
-            "GROUP BY strategy ORDER BY count(*) DESC, strategy", params):
-        strategies.append({
-            "strategy": name, "signals": n, "buy": buy, "sell": sell, "neutral": neutral,
-            "mean_confidence": conf, "closed": closed, "wins": wins, "losses": losses,
-            "win_rate": wins / (wins + losses) if wins + losses else None,
-            "with_pnl": with_pnl, "mean_pnl_pct": mean_pnl, "total_pnl_pct": total_pnl})
+    for s in sorted(per.values(), key=lambda s: (-s["signals"], str(s["strategy"]))):
+        conf, pnl = s.pop("conf"), s.pop("pnl")
+        decided = s["wins"] + s["losses"]
+        s.update(mean_confidence=conf / s["signals"], win_rate=s["wins"] / decided if decided else None,
+                 mean_pnl_pct=pnl / s["with_pnl"] if s["with_pnl"] else None,
+                 total_pnl_pct=pnl if s["with_pnl"] else None)
+        strategies.append(s)
+    for c in bands:
+        c["win_rate"] = c["wins"] / c["decided"] if c["decided"] else None
 
     cumulative: Dict[str, List[Dict[str, Any]]] = {}
     running: Dict[str, float] = {}
@@ -269,18 +316,9 @@ def _quality(conn: sqlite3.Connection, where: str, params: Dict[str, Any], bucke
             "interval": b, "end": _iso(_from_ms(origin_ms + (b + 1) * width)), "closed": n, "pnl_pct": total,
             "cumulative_pnl_pct": running[name]})
 
-    band = f"min({CONFIDENCE_BANDS - 1}, CAST(confidence / {100 // CONFIDENCE_BANDS} AS INTEGER))"
-    got = {b: (n, w) for b, n, w in conn.execute(
-        f"SELECT {band}, count(*), count(CASE WHEN {_WIN} THEN 1 END) FROM signals WHERE {where} AND ({_WIN} OR {_LOSS}) GROUP BY 1",
-        params)}
-    step = 100 // CONFIDENCE_BANDS
-    calibration = [{"low": k * step, "high": (k + 1) * step, "decided": got.get(k, (0, 0))[0],
-                    "wins": got.get(k, (0, 0))[1],
-                    "win_rate": got[k][1] / got[k][0] if k in got and got[k][0] else None}
-                   for k in range(CONFIDENCE_BANDS)]
-
-    return {"by_strategy": strategies, "cumulative_pnl": cumulative, "calibration": calibration,
-            "pnl_distribution": _distribution(conn, where, params)}
+    n_pnl = sum(s["with_pnl"] for s in strategies)
+    return {"by_strategy": strategies, "cumulative_pnl": cumulative, "calibration": bands,
+            "pnl_distribution": _distribution(conn, where, params, n_pnl, lo, hi)}
 
 
 def _nice_step(raw: float) -> float:
@@ -293,10 +331,9 @@ def _nice_step(raw: float) -> float:
     return 10 ** (exp + 1)  # pragma: no cover
 
 
-def _distribution(conn: sqlite3.Connection, where: str, params: Dict[str, Any], bins: int = 20) -> Dict[str, Any]:
-    n, lo, hi = conn.execute(f"SELECT count(profit_loss_pct), min(profit_loss_pct), max(profit_loss_pct) "
-                             f"FROM signals WHERE {where}", params).fetchone()
-    if not n:
+def _distribution(conn: sqlite3.Connection, where: str, params: Dict[str, Any], n: int,
+                  lo: Optional[float], hi: Optional[float], bins: int = 20) -> Dict[str, Any]:
+    if not n or lo is None or hi is None:
         return {"n": 0, "bin_width": None, "bins": []}
     step = _nice_step((hi - lo) / bins)
     start = math.floor(lo / step) * step

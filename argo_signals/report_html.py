@@ -97,11 +97,12 @@ def _e(value: Any) -> str:
 
 
 # -- pieces ---------------------------------------------------------------------------------------
-def _table(tid: str, head: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
+def _table(tid: str, head: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "",
+           scroll: bool = True) -> str:
     cap = f"<caption>{_e(caption)}</caption>" if caption else ""
     th = "".join(f"<th scope=\"col\">{_e(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<div class="tbl"><table id="{tid}">{cap}<thead><tr>{th}</tr></thead><tbody>{body}</tbody></table></div>'
+    return f'<div class="{"tbl" if scroll else "tbl full"}"><table id="{tid}">{cap}<thead><tr>{th}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _empty(tid: str, text: str) -> str:
@@ -163,7 +164,7 @@ def _health(r: Dict[str, Any], ch: _Charts) -> str:
         ("spill lines waiting", h["spill_lines"]),
     ]
     out.append('<section class="panel"><h3>At a glance</h3>'
-               + _table("t-summary", ("measure", "value"), summary_rows) + "</section>")
+               + _table("t-summary", ("measure", "value"), summary_rows, scroll=False) + "</section>")
     if not h["signals"]:
         out.append(_empty("empty-health", "no signals committed in this period: nothing to chart "
                                           "(is the producer running? try a longer --since)"))
@@ -191,7 +192,7 @@ def _health(r: Dict[str, Any], ch: _Charts) -> str:
                        label=f"batch_timeout {fmt_ms(r['batch_timeout_ms'])}")
             ax.set_yscale("symlog", linthresh=1)
             ax.set_ylabel("ms (log scale)")
-            ax.legend(loc="upper left", fontsize=7, frameon=False, ncol=3)
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, 1.18), fontsize=7, frameon=False, ncol=3)
             ch.time_axis(ax)
         out.append(_panel(
             "Time to durable (created_at − timestamp) per interval", ch.svg(durable),
@@ -280,7 +281,7 @@ def _quality(r: Dict[str, Any], ch: _Charts) -> str:
                 for v in series:
                     run += v
                     ys.append(run)
-                ax.step(range(n_iv), ys, where="post", label=name)
+                ax.plot(range(n_iv), ys, marker=".", ms=4, label=name)
             ax.axhline(0, color="#555", lw=0.8)
             ax.set_ylabel("cumulative P/L %")
             ax.legend(loc="upper left", fontsize=7, frameon=False, ncol=2)
@@ -341,7 +342,7 @@ h3{font-size:.98rem;margin:.2rem 0 .4rem} h4{font-size:.85rem;margin:.2rem 0}
 .meta{color:#555;font-size:.85rem;margin:0}
 .panel{margin:.8rem 0 1.2rem} .row{display:flex;gap:1rem;align-items:flex-start;flex-wrap:wrap}
 .chart{flex:0 0 auto} .chart svg{max-width:640px;height:auto}
-.tbl{max-height:300px;overflow:auto;flex:1 1 300px}
+.tbl{max-height:300px;overflow:auto;flex:1 1 300px} .tbl.full{max-height:none}
 table{border-collapse:collapse;font-size:.78rem;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #ddd;padding:2px 6px;text-align:right;white-space:nowrap}
 th{background:#f4f4f4;position:sticky;top:0} td:first-child,th:first-child{text-align:left}
