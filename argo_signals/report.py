@@ -212,7 +212,7 @@ def _health(conn: sqlite3.Connection, db_path: str, where: str, params: Dict[str
             origin_ms: int, width: int, n_buckets: int, strategy: Optional[str], now: datetime) -> Dict[str, Any]:
     intervals = [{"start": _iso(_from_ms(origin_ms + k * width)), "commits": {a: 0 for a in ACTIONS},
                   "total": 0, "sync": {s: 0 for s in SYNC_STATES}} for k in range(n_buckets)]
-    totals = {"signals": 0, "by_action": {a: 0 for a in ACTIONS}, "by_sync_status": {s: 0 for s in SYNC_STATES}}
+    totals: Dict[str, Any] = {"signals": 0, "by_action": {a: 0 for a in ACTIONS}, "by_sync_status": {s: 0 for s in SYNC_STATES}}
     for b, action, status, n in conn.execute(
             f"SELECT {bucket}, action, sync_status, count(*) FROM signals WHERE {where} GROUP BY 1, 2, 3", params):
         slot = intervals[min(max(b, 0), n_buckets - 1)]
@@ -278,7 +278,7 @@ def _quality(conn: sqlite3.Connection, where: str, params: Dict[str, Any], bucke
     step = 100 // CONFIDENCE_BANDS
     band = f"min({CONFIDENCE_BANDS - 1}, CAST(confidence / {step} AS INTEGER))"
     per: Dict[str, Dict[str, Any]] = {}
-    bands = [{"low": k * step, "high": (k + 1) * step, "decided": 0, "wins": 0} for k in range(CONFIDENCE_BANDS)]
+    bands: List[Dict[str, Any]] = [{"low": k * step, "high": (k + 1) * step, "decided": 0, "wins": 0} for k in range(CONFIDENCE_BANDS)]
     lo = hi = None
     for (name, k, n, buy, sell, neutral, conf, closed, wins, losses, with_pnl, pnl, pmin, pmax) in conn.execute(
             f"SELECT strategy, {band}, count(*), sum(action = 'BUY'), sum(action = 'SELL'), "

@@ -152,6 +152,8 @@ def _health(r: Dict[str, Any], ch: _Charts) -> str:
         ("signals committed in the period", h["signals"]),
         *((f"  {a}", h["by_action"].get(a, 0)) for a in ACTIONS),
         *((f"  sync {s}", h["by_sync_status"].get(s, 0)) for s in SYNC_STATES),
+    ]
+    state_rows = [
         ("time to durable p50", fmt_ms(h["time_to_durable_ms"]["p50"])),
         ("time to durable p99", fmt_ms(h["time_to_durable_ms"]["p99"])),
         ("batch_timeout (reference)", fmt_ms(r["batch_timeout_ms"])),
@@ -163,8 +165,9 @@ def _health(r: Dict[str, Any], ch: _Charts) -> str:
         ("refused rows (rejected_signals)", h["refused"]["total"]),
         ("spill lines waiting", h["spill_lines"]),
     ]
-    out.append('<section class="panel"><h3>At a glance</h3>'
-               + _table("t-summary", ("measure", "value"), summary_rows, scroll=False) + "</section>")
+    out.append('<section class="panel"><h3>At a glance</h3><div class="row">'
+               + _table("t-summary", ("in the period", "signals"), summary_rows, scroll=False)
+               + _table("t-state", ("measure", "value"), state_rows, scroll=False) + "</div></section>")
     if not h["signals"]:
         out.append(_empty("empty-health", "no signals committed in this period: nothing to chart "
                                           "(is the producer running? try a longer --since)"))
@@ -190,8 +193,7 @@ def _health(r: Dict[str, Any], ch: _Charts) -> str:
                         color=COLORS[key], label=key)
             ax.axhline(r["batch_timeout_ms"], color="#555", ls="--", lw=1,
                        label=f"batch_timeout {fmt_ms(r['batch_timeout_ms'])}")
-            ax.set_yscale("symlog", linthresh=1)
-            ax.set_ylabel("ms (log scale)")
+            _duration_axis(ax)
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, 1.18), fontsize=7, frameon=False, ncol=3)
             ch.time_axis(ax)
         out.append(_panel(
@@ -228,8 +230,7 @@ def _health(r: Dict[str, Any], ch: _Charts) -> str:
                 for key in ("p50", "p99"):
                     ax.plot(x, [_nan(s["sync_lag_ms"][key]) for s in iv], marker="o", ms=3,
                             color=COLORS[key], label=key)
-                ax.set_yscale("symlog", linthresh=1)
-                ax.set_ylabel("ms (log scale)")
+                _duration_axis(ax)
                 ax.legend(loc="upper left", fontsize=7, frameon=False, ncol=2)
                 ch.time_axis(ax)
             out.append(_panel(
@@ -247,6 +248,15 @@ def _health(r: Dict[str, Any], ch: _Charts) -> str:
                f'<div><h4>Sync (signals.sync_error)</h4>{errors}</div>'
                f'<div><h4>Refused at write (rejected_signals)</h4>{refusals}</div></div></section>')
     return "".join(out)
+
+
+def _duration_axis(ax: Any) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_ms(v)))
+    ax.set_ylabel("log scale")
 
 
 def _nan(v: Optional[float]) -> float:
@@ -342,7 +352,7 @@ h3{font-size:.98rem;margin:.2rem 0 .4rem} h4{font-size:.85rem;margin:.2rem 0}
 .meta{color:#555;font-size:.85rem;margin:0}
 .panel{margin:.8rem 0 1.2rem} .row{display:flex;gap:1rem;align-items:flex-start;flex-wrap:wrap}
 .chart{flex:0 0 auto} .chart svg{max-width:640px;height:auto}
-.tbl{max-height:300px;overflow:auto;flex:1 1 300px} .tbl.full{max-height:none}
+.tbl{max-height:300px;overflow:auto;flex:1 1 300px} .tbl.full{max-height:none;flex:0 0 auto}
 table{border-collapse:collapse;font-size:.78rem;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #ddd;padding:2px 6px;text-align:right;white-space:nowrap}
 th{background:#f4f4f4;position:sticky;top:0} td:first-child,th:first-child{text-align:left}
