@@ -409,8 +409,11 @@ def report(db_path: str, out_path: str, since: Optional[str], strategy: Optional
         page = render(data)
     except MissingExtra as exc:
         raise click.ClickException(str(exc)) from None
-    with open(out_path, "w", encoding="utf-8") as f:
-        f.write(page)
+    try:
+        with open(out_path, "w", encoding="utf-8") as f:
+            f.write(page)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out_path}: {exc.strerror or exc}") from None
     path = os.path.abspath(out_path)
     click.echo(path)
     if open_it:

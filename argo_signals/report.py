@@ -16,6 +16,7 @@ import os
 import re
 import sqlite3
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from . import spill
@@ -96,8 +97,12 @@ def _bucket_width_ms(span_ms: int) -> int:
 def _open(db_path: str) -> sqlite3.Connection:
     if not os.path.exists(db_path):
         raise ReportError(f"no database at {db_path}")
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5.0)
+    # as_uri() escapes '#', '?' and '%' in the name, which would otherwise end the path
+    conn = sqlite3.connect(f"{Path(db_path).absolute().as_uri()}?mode=ro", uri=True, timeout=5.0)
     try:
+        # one read transaction: every figure comes from the same snapshot, even while a
+        # writer commits (WAL readers see the database as of their first read)
+        conn.execute("BEGIN")
         conn.execute("SELECT created_at, sync_status, outcome, profit_loss_pct FROM signals LIMIT 1")
     except sqlite3.Error as exc:
         conn.close()

@@ -15,7 +15,7 @@ from argo_signals import SignalTracker, spill, store
 from argo_signals.cli import main
 from argo_signals.report import ReportError, collect, parse_since
 from argo_signals.report_html import NO_OUTCOMES, render
-from conftest import make_signal, run_script
+from conftest import make_signal, run_script, spawn_script
 
 UTC = timezone.utc
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -328,3 +328,41 @@ def test_demo_closes_a_share_with_confidence_tracking_win_rate(tmp_path):
     r = cli("demo", "--db", tmp_path / "d2.db", "--count", 30, "--quiet")
     assert r.output.splitlines()[-1].startswith(f"see it all on one page: argo-signals report --db {tmp_path / 'd2.db'}")
     assert os.path.exists(tmp_path / "d2.db")
+
+
+def test_figures_come_from_one_snapshot_while_a_writer_commits(db):
+    build(db, spill_lines=0)
+    writer = spawn_script("""
+        import sqlite3, sys, time
+        conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        print("ready", flush=True)
+        i = 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            i += 1
+            conn.execute("INSERT INTO signals (signal_id, symbol, action, entry_price, confidence, strategy, "
+                         "timestamp, sha256, created_at, sync_status, sync_attempts, outcome, profit_loss_pct) "
+                         "VALUES (?, 'X', 'BUY', 1.0, 70.0, 'gamma', '2026-01-01T11:59:00+00:00', 'x', "
+                         "'2026-01-01T11:59:00.5+00:00', 'pending', 0, 'win', 1.0)", (f"w{i}",))
+        """, db)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        mismatches = 0
+        for _ in range(15):
+            r = collect(str(db), now=NOW)
+            per_strategy = sum(s["signals"] for s in r["quality"]["by_strategy"])
+            per_interval = sum(iv["total"] for iv in r["health"]["intervals"])
+            mismatches += not (per_strategy == per_interval == r["health"]["signals"]
+                               == r["health"]["time_to_durable_ms"]["n"])
+        assert mismatches == 0
+    finally:
+        writer.kill()
+        writer.wait(10)
+
+
+def test_odd_database_file_names_and_unwritable_out(tmp_path):
+    db = build(tmp_path / "a#b?c%20.db", spill_lines=0)
+    assert collect(str(db), now=NOW)["health"]["signals"] == 9
+    r = cli("report", "--db", db, "--out", tmp_path / "no" / "such" / "dir" / "r.html")
+    assert r.exit_code == 1 and "cannot write" in r.stderr
