@@ -389,15 +389,16 @@ def export(db_path: str, fmt: str, since: Optional[str], until: Optional[str], s
 @click.option("--since", default=None, help="Only signals committed since: 24h, 7d, 30m or an ISO time "
                                             "(default: the whole database).")
 @click.option("--strategy", default=None, help="Only this strategy.")
+@click.option("--per-symbol", is_flag=True, help="Add the per-strategy figures per symbol too.")
 @click.option("--open", "open_it", is_flag=True, help="Open the page in the default browser.")
 @click.option("--json", "as_json", is_flag=True, help="Print the aggregates (exact) instead of writing the page.")
-def report(db_path: str, out_path: str, since: Optional[str], strategy: Optional[str], open_it: bool,
-           as_json: bool) -> None:
+def report(db_path: str, out_path: str, since: Optional[str], strategy: Optional[str], per_symbol: bool,
+           open_it: bool, as_json: bool) -> None:
     """One self-contained HTML page: pipeline health and signal quality, with charts."""
     from .report import ReportError, collect
 
     try:
-        data = collect(db_path, since=since, strategy=strategy)
+        data = collect(db_path, since=since, strategy=strategy, per_symbol=per_symbol)
     except ReportError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:

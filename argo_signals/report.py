@@ -162,19 +162,21 @@ def _percentiles(conn: sqlite3.Connection, value: str, where: str, bucket: str,
 
 
 def collect(db_path: str, since: Optional[str] = None, strategy: Optional[str] = None,
-            now: Optional[datetime] = None, batch_timeout: float = DEFAULT_BATCH_TIMEOUT) -> Dict[str, Any]:
-    """All of the report's numbers for ``db_path`` (see docs/cli.md for the meaning of each)."""
+            now: Optional[datetime] = None, batch_timeout: float = DEFAULT_BATCH_TIMEOUT,
+            per_symbol: bool = False) -> Dict[str, Any]:
+    """All of the report's numbers for ``db_path`` (see docs/cli.md for the meaning of each);
+    ``per_symbol`` adds the per-strategy figures per symbol too (one more scan)."""
     now = (now or datetime.now(_UTC)).astimezone(_UTC)
     since_dt = parse_since(since, now) if since else None
     conn = _open(db_path)
     try:
-        return _collect(conn, db_path, since_dt, strategy, now, batch_timeout)
+        return _collect(conn, db_path, since_dt, strategy, now, batch_timeout, per_symbol)
     finally:
         conn.close()
 
 
 def _collect(conn: sqlite3.Connection, db_path: str, since_dt: Optional[datetime], strategy: Optional[str],
-             now: datetime, batch_timeout: float) -> Dict[str, Any]:
+             now: datetime, batch_timeout: float, per_symbol: bool) -> Dict[str, Any]:
     clauses: List[str] = []
     params: Dict[str, Any] = {}
     if since_dt is not None:
@@ -209,7 +211,7 @@ def _collect(conn: sqlite3.Connection, db_path: str, since_dt: Optional[datetime
         "batch_timeout_ms": int(round(batch_timeout * 1000)),
     }
     report["health"] = _health(conn, db_path, where, params, bucket, origin_ms, width, n_buckets, strategy, now)
-    report["quality"] = _quality(conn, where, params, bucket, origin_ms, width)
+    report["quality"] = _quality(conn, where, params, bucket, origin_ms, width, per_symbol)
     return report
 
 
@@ -278,39 +280,47 @@ def _health(conn: sqlite3.Connection, db_path: str, where: str, params: Dict[str
 _WIN, _LOSS = "lower(trim(outcome)) = 'win'", "lower(trim(outcome)) = 'loss'"
 
 
-def _quality(conn: sqlite3.Connection, where: str, params: Dict[str, Any], bucket: str,
-             origin_ms: int, width: int) -> Dict[str, Any]:
+def _breakdown(conn: sqlite3.Connection, column: str, where: str, params: Dict[str, Any]) -> Tuple[
+        List[Dict[str, Any]], List[Dict[str, Any]], Optional[float], Optional[float]]:
+    """Per ``column`` (strategy or symbol) figures, the calibration bands and the P/L range,
+    from one GROUP BY column, confidence band."""
     step = 100 // CONFIDENCE_BANDS
     band = f"min({CONFIDENCE_BANDS - 1}, CAST(confidence / {step} AS INTEGER))"
     per: Dict[str, Dict[str, Any]] = {}
-    bands: List[Dict[str, Any]] = [{"low": k * step, "high": (k + 1) * step, "decided": 0, "wins": 0} for k in range(CONFIDENCE_BANDS)]
+    bands: List[Dict[str, Any]] = [{"low": k * step, "high": (k + 1) * step, "decided": 0, "wins": 0}
+                                   for k in range(CONFIDENCE_BANDS)]
     lo = hi = None
     for (name, k, n, buy, sell, neutral, conf, closed, wins, losses, with_pnl, pnl, pmin, pmax) in conn.execute(
-            f"SELECT strategy, {band}, count(*), sum(action = 'BUY'), sum(action = 'SELL'), "
+            f"SELECT {column}, {band}, count(*), sum(action = 'BUY'), sum(action = 'SELL'), "
             f"sum(action = 'NEUTRAL'), total(confidence), count(outcome), count(CASE WHEN {_WIN} THEN 1 END), "
             f"count(CASE WHEN {_LOSS} THEN 1 END), count(profit_loss_pct), total(profit_loss_pct), "
             f"min(profit_loss_pct), max(profit_loss_pct) FROM signals WHERE {where} GROUP BY 1, 2", params):
-        s = per.setdefault(name, {"strategy": name, "signals": 0, "buy": 0, "sell": 0, "neutral": 0, "conf": 0.0,
+        g = per.setdefault(name, {column: name, "signals": 0, "buy": 0, "sell": 0, "neutral": 0, "conf": 0.0,
                                   "closed": 0, "wins": 0, "losses": 0, "with_pnl": 0, "pnl": 0.0})
         for key, v in (("signals", n), ("buy", buy), ("sell", sell), ("neutral", neutral), ("conf", conf),
                        ("closed", closed), ("wins", wins), ("losses", losses), ("with_pnl", with_pnl), ("pnl", pnl)):
-            s[key] += v
+            g[key] += v
         bands[k]["decided"] += wins + losses
         bands[k]["wins"] += wins
         if pmin is not None:
             lo = pmin if lo is None else min(lo, pmin)
             hi = pmax if hi is None else max(hi, pmax)
-    strategies = []
-    for s in sorted(per.values(), key=lambda s: (-s["signals"], str(s["strategy"]))):
-        conf, pnl = s.pop("conf"), s.pop("pnl")
-        decided = s["wins"] + s["losses"]
-        s.update(mean_confidence=conf / s["signals"], win_rate=s["wins"] / decided if decided else None,
-                 mean_pnl_pct=pnl / s["with_pnl"] if s["with_pnl"] else None,
-                 total_pnl_pct=pnl if s["with_pnl"] else None)
-        strategies.append(s)
+    groups = []
+    for g in sorted(per.values(), key=lambda g: (-g["signals"], str(g[column]))):
+        conf, pnl = g.pop("conf"), g.pop("pnl")
+        decided = g["wins"] + g["losses"]
+        g.update(mean_confidence=conf / g["signals"], win_rate=g["wins"] / decided if decided else None,
+                 mean_pnl_pct=pnl / g["with_pnl"] if g["with_pnl"] else None,
+                 total_pnl_pct=pnl if g["with_pnl"] else None)
+        groups.append(g)
     for c in bands:
         c["win_rate"] = c["wins"] / c["decided"] if c["decided"] else None
+    return groups, bands, lo, hi
 
+
+def _quality(conn: sqlite3.Connection, where: str, params: Dict[str, Any], bucket: str,
+             origin_ms: int, width: int, per_symbol: bool) -> Dict[str, Any]:
+    strategies, bands, lo, hi = _breakdown(conn, "strategy", where, params)
     cumulative: Dict[str, List[Dict[str, Any]]] = {}
     running: Dict[str, float] = {}
     for name, b, n, total in conn.execute(
@@ -322,8 +332,11 @@ def _quality(conn: sqlite3.Connection, where: str, params: Dict[str, Any], bucke
             "cumulative_pnl_pct": running[name]})
 
     n_pnl = sum(s["with_pnl"] for s in strategies)
-    return {"by_strategy": strategies, "cumulative_pnl": cumulative, "calibration": bands,
-            "pnl_distribution": _distribution(conn, where, params, n_pnl, lo, hi)}
+    out = {"by_strategy": strategies, "cumulative_pnl": cumulative, "calibration": bands,
+           "pnl_distribution": _distribution(conn, where, params, n_pnl, lo, hi)}
+    if per_symbol:
+        out["by_symbol"] = _breakdown(conn, "symbol", where, params)[0]
+    return out
 
 
 def _nice_step(raw: float) -> float:

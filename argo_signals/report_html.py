@@ -275,6 +275,13 @@ def _quality(r: Dict[str, Any], ch: _Charts) -> str:
         [(s["strategy"], s["signals"], s["buy"], s["sell"], s["neutral"], fmt_num(s["mean_confidence"], 1),
           s["closed"], s["wins"], s["losses"], fmt_pct(s["win_rate"]), fmt_num(s["mean_pnl_pct"]),
           fmt_num(s["total_pnl_pct"])) for s in strategies]) + "</section>")
+    if "by_symbol" in q:
+        out.append('<section class="panel"><h3>Per symbol</h3>' + _table(
+            "t-symbols", ("symbol", "signals", "BUY", "SELL", "NEUTRAL", "mean confidence", "closed",
+                          "wins", "losses", "win rate", "mean P/L %", "total P/L %"),
+            [(s["symbol"], s["signals"], s["buy"], s["sell"], s["neutral"], fmt_num(s["mean_confidence"], 1),
+              s["closed"], s["wins"], s["losses"], fmt_pct(s["win_rate"]), fmt_num(s["mean_pnl_pct"]),
+              fmt_num(s["total_pnl_pct"])) for s in q["by_symbol"]]) + "</section>")
     if not q["pnl_distribution"]["n"] and not any(c["decided"] for c in q["calibration"]):
         out.append(_empty("empty-outcomes", NO_OUTCOMES))
         return "".join(out)

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from argo_signals import SignalTracker, spill, store
 from argo_signals.cli import main
+from argo_signals.demo import win_probability
 from argo_signals.report import ReportError, collect, parse_since
 from argo_signals.report_html import NO_OUTCOMES, render
 from conftest import make_signal, run_script, spawn_script
@@ -52,8 +53,8 @@ def build(db, signals=SIGNALS, refused=REFUSED, spill_lines=3):
         conn.execute(
             "INSERT INTO signals (signal_id, symbol, action, entry_price, confidence, strategy, timestamp, sha256, "
             "created_at, sync_status, sync_attempts, sync_error, synced_at, outcome, profit_loss_pct) "
-            "VALUES (?, 'AAPL', ?, 100.0, ?, ?, ?, 'x', ?, ?, 0, ?, ?, ?, ?)",
-            (f"s{k}", action, float(conf), strat, (c - timedelta(milliseconds=dur)).isoformat(), c.isoformat(),
+            "VALUES (?, ?, ?, 100.0, ?, ?, ?, 'x', ?, ?, 0, ?, ?, ?, ?)",
+            (f"s{k}", "MSFT" if k % 2 else "AAPL", action, float(conf), strat, (c - timedelta(milliseconds=dur)).isoformat(), c.isoformat(),
              status, err, None if lag is None else (c + timedelta(milliseconds=lag)).isoformat(), outcome, pnl))
     for strat, reason, when in refused:
         conn.execute("INSERT INTO rejected_signals (signal_id, payload, reason, rejected_at) VALUES (?, ?, ?, ?)",
@@ -193,6 +194,22 @@ def test_page_tables_show_the_same_numbers_rounded(db):
                    ["1.00", "1.25", "1"], ["2.00", "2.25", "1"], ["3.00", "3.25", "1"]]
 
 
+def test_per_symbol_on_demand(db, tmp_path):
+    build(db)
+    assert "by_symbol" not in collect(str(db), now=NOW)["quality"]
+    data = json.loads(cli("report", "--db", db, "--json", "--per-symbol").output)
+    aapl, msft = data["quality"]["by_symbol"]
+    assert (aapl["symbol"], aapl["signals"], aapl["closed"], aapl["wins"], aapl["losses"]) == ("AAPL", 5, 4, 1, 2)
+    assert (aapl["mean_confidence"], aapl["total_pnl_pct"], aapl["mean_pnl_pct"]) == (82.2, -1.5, -0.375)
+    out = tmp_path / "r.html"
+    assert cli("report", "--db", db, "--out", out, "--per-symbol").exit_code == 0
+    page = Tables(out.read_text())
+    assert page.keyed("t-symbols") == {
+        "AAPL": ["5", "3", "2", "0", "82.2", "4", "1", "2", "33.3%", "-0.38", "-1.50"],
+        "MSFT": ["4", "2", "1", "1", "60.2", "2", "2", "0", "100.0%", "2.00", "4.00"]}
+    assert "t-symbols" not in Tables(render(collect(str(db), now=NOW))).tables
+
+
 def test_page_is_self_contained_and_says_utc(db):
     page = render(collect(str(build(db)), since=SINCE, now=NOW))
     assert page.count("<svg") == 7  # commits, durable, shares, lag, cumulative, calibration, P/L
@@ -316,18 +333,23 @@ def test_open_hands_the_file_to_the_browser(db, tmp_path):
 
 
 def test_demo_closes_a_share_with_confidence_tracking_win_rate(tmp_path):
+    assert win_probability(90, "momentum") > win_probability(60, "momentum") > win_probability(30, "momentum")
     db = tmp_path / "demo.db"
-    r = cli("demo", "--db", db, "--count", 1500, "--quiet", "--json")
+    r = cli("demo", "--db", db, "--count", 4000, "--quiet", "--json")
     data = json.loads(r.output)
     closed = data["closed"]["wins"] + data["closed"]["losses"]
-    assert 0.4 * 1500 < closed < 0.7 * 1500
+    assert 0.45 * 4000 < closed < 0.65 * 4000
     q = collect(str(db))["quality"]
     assert sum(s["closed"] for s in q["by_strategy"]) == closed  # every update landed
-    rates = {c["low"]: c["win_rate"] for c in q["calibration"] if c["decided"] >= 50}
-    assert rates[80] > rates[60]
+    assert sum(s["wins"] for s in q["by_strategy"]) == data["closed"]["wins"]
+
+    def rate(bands):
+        return sum(c["wins"] for c in bands) / sum(c["decided"] for c in bands)
+    low = [c for c in q["calibration"] if c["high"] <= 70]
+    high = [c for c in q["calibration"] if c["low"] >= 80]
+    assert rate(high) > rate(low) + 0.05  # expected gap about 0.14, more than 5 standard errors
     r = cli("demo", "--db", tmp_path / "d2.db", "--count", 30, "--quiet")
-    assert r.output.splitlines()[-1].startswith(f"see it all on one page: argo-signals report --db {tmp_path / 'd2.db'}")
-    assert os.path.exists(tmp_path / "d2.db")
+    assert r.output.splitlines()[-1] == f"see it all on one page: argo-signals report --db {tmp_path / 'd2.db'} --open"
 
 
 def test_figures_come_from_one_snapshot_while_a_writer_commits(db):
