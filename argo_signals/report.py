@@ -197,7 +197,7 @@ def _collect(conn: sqlite3.Connection, db_path: str, since_dt: Optional[datetime
     start_ms, end_ms = _epoch_ms(start), _epoch_ms(end)
     width = _bucket_width_ms(max(1, end_ms - start_ms + 1))
     origin_ms = start_ms // width * width
-    n_buckets = (end_ms - origin_ms) // width + 1
+    n_buckets = max(1, (end_ms - origin_ms) // width + 1)  # a --since in the future: one empty interval
     params["origin"] = _iso(_from_ms(origin_ms))
     params["width"] = width
     bucket = f"({_ms_between('created_at', ':origin')} / :width)"

@@ -254,7 +254,8 @@ def _duration_axis(ax: Any) -> None:
     from matplotlib.ticker import FuncFormatter
 
     ax.set_yscale("symlog", linthresh=1)
-    ax.set_ylim(bottom=0)
+    if ax.get_ylim()[0] > 0:
+        ax.set_ylim(bottom=0)  # show the scale from 0, unless there are negative durations (clock skew)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_ms(v)))
     ax.set_ylabel("log scale")
 

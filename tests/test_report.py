@@ -1,7 +1,6 @@
 """argo-signals report: the numbers of a database with known content, in --json and in the
 page's tables; empty states; the missing-extra message in a real process without matplotlib."""
 import json
-import os
 import re
 import stat
 import sys
@@ -11,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 from click.testing import CliRunner
 
-from argo_signals import SignalTracker, spill, store
+from argo_signals import SignalTracker, report, spill, store
 from argo_signals.cli import main
 from argo_signals.demo import win_probability
 from argo_signals.report import ReportError, collect, parse_since
@@ -233,6 +232,28 @@ def test_strategy_filter_and_relative_since(db):
     assert parse_since("90m", NOW) == NOW - timedelta(minutes=90) and parse_since("1w", NOW) == NOW - timedelta(days=7)
     with pytest.raises(ReportError, match="--since"):
         collect(str(db), since="yesterday")
+
+
+def test_overall_percentiles_when_sqlite_counts_them(db, monkeypatch):
+    build(db)
+    merged = collect(str(db), since=SINCE, now=NOW)
+    monkeypatch.setattr(report, "_MERGE_LIMIT", 2)  # too many distinct values to merge in Python
+    counted = collect(str(db), since=SINCE, now=NOW)
+    assert counted["health"]["time_to_durable_ms"] == merged["health"]["time_to_durable_ms"] == \
+        {"n": 9, "p50": 100, "p99": 5000}
+    assert counted["health"]["sync_lag_ms"] == {"n": 3, "p50": 2000, "p99": 3000}
+
+
+def test_since_in_the_future_and_negative_durations(db, tmp_path):
+    build(db, signals=[("09:10:00", -1500, "BUY", "a", 80, "pending", None, None, None, None),
+                       ("09:10:01", -20, "BUY", "a", 80, "pending", None, None, None, None)], refused=[])
+    r = collect(str(db), since="2099-01-01", now=NOW)
+    assert r["period"]["interval_count"] == 1 and r["health"]["signals"] == 0
+    r = collect(str(db), now=NOW)
+    assert r["health"]["time_to_durable_ms"] == {"n": 2, "p50": -20, "p99": -20}
+    page = Tables(render(r))
+    assert list(page.keyed("t-durable").values()) == [["1", "-1.50 s", "-1.50 s"], ["1", "-20 ms", "-20 ms"]]
+    assert cli("report", "--db", db, "--since", "2099-01-01", "--out", tmp_path / "f.html").exit_code == 0
 
 
 def test_empty_database_page_says_so(db, tmp_path):
