@@ -73,7 +73,10 @@ def fmt_num(x: Optional[float], digits: int = 2) -> str:
 
 
 def fmt_time(iso: str, width_ms: int) -> str:
-    dt = datetime.fromisoformat(iso)
+    try:
+        dt = datetime.fromisoformat(iso)
+    except ValueError:  # a value written by other means: show it as stored
+        return iso
     if width_ms < 1000:
         return dt.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     if width_ms < 60_000:
