@@ -86,7 +86,7 @@ def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opti
          as_json: bool, quiet: bool) -> None:
     """Log realistic synthetic signals from several threads, close a share of them with an
     outcome (update_signal), and report what was persisted."""
-    from .demo import outcomes, signals
+    from .demo import outcome_picker, signals
 
     if count < 1 or producers < 1:
         raise click.BadParameter("--count and --producers must be >= 1")
@@ -95,26 +95,32 @@ def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opti
     lock = threading.Lock()
     shares = [count // producers + (1 if k < count % producers else 0) for k in range(producers)]
     done = [0]
-    logged: List[Any] = []
+    closed = {"win": 0, "loss": 0}
     before = sync_state(db_path)
 
     def produce(k: int, n: int) -> None:
         gen = signals(seed=k)
         mine: List[float] = []
-        sent: List[Any] = []
+        pick = outcome_picker(seed=k)
+        mine_closed = {"win": 0, "loss": 0}
         gap = 1.0 / rate if rate > 0 else 0.0
         for _ in range(n):
             sig = next(gen)
             t0 = time.perf_counter()
-            sent.append((tracker.log_signal(sig), sig))
+            sid = tracker.log_signal(sig)
             mine.append((time.perf_counter() - t0) * 1e6)
+            fields = pick(sig)
+            if fields is not None:  # the same queue: the update lands after its insert
+                tracker.update_signal(sid, **fields)
+                mine_closed[fields["outcome"]] += 1
             with lock:
                 done[0] += 1
             if gap:
                 time.sleep(gap)
         with lock:
             call_us.extend(mine)
-            logged.extend(sent)
+            for key, n_closed in mine_closed.items():
+                closed[key] += n_closed
 
     start = time.perf_counter()
     threads = [threading.Thread(target=produce, args=(k, n), daemon=True) for k, n in enumerate(shares)]
@@ -127,10 +133,6 @@ def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opti
             bar.update(done[0] - shown)
             shown = done[0]
         bar.update(done[0] - shown)
-    closed = {"win": 0, "loss": 0}
-    for sid, fields in outcomes(logged):
-        tracker.update_signal(sid, **fields)
-        closed[fields["outcome"]] += 1
     flushed = tracker.flush(60)
     elapsed = time.perf_counter() - start
     if tracker.sync_enabled:

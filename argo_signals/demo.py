@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, Iterator, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional
 
 SYMBOLS = {"AAPL": 190.0, "MSFT": 410.0, "NVDA": 120.0, "TSLA": 240.0, "SPY": 520.0,
            "AMZN": 180.0, "BTC-USD": 64_000.0, "ETH-USD": 3_100.0, "SOL-USD": 150.0}
@@ -45,19 +45,20 @@ def win_probability(confidence: float, strategy: str) -> float:
     return min(0.95, max(0.05, 0.2 + 0.6 * confidence / 100.0 + EDGE.get(strategy, 0.0)))
 
 
-def outcomes(logged: Sequence[Tuple[str, Dict[str, Any]]], share: float = 0.6,
-             seed: int = 0) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    """Close about ``share`` of the BUY/SELL signals in ``logged`` ((signal_id, signal) pairs).
+def outcome_picker(share: float = 0.6, seed: int = 0) -> Callable[[Dict[str, Any]], Optional[Dict[str, Any]]]:
+    """A function that closes about ``share`` of the BUY/SELL signals it is shown.
 
-    Yields ``(signal_id, fields)`` for ``update_signal()``: a win takes between +0.5 % and the
-    +3 % target, a loss between -0.5 % and the -2 % stop; the exit price follows the side."""
+    It returns the fields for ``update_signal()``, or None to leave the signal open: a win takes
+    between +0.5 % and the +3 % target, a loss between -0.5 % and the -2 % stop; the exit
+    price follows the side.  Deterministic for a given seed and sequence of signals."""
     rng = random.Random(seed)
-    for sid, sig in logged:
+
+    def pick(sig: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         if sig["action"] == "NEUTRAL" or rng.random() >= share:
-            continue
+            return None
         win = rng.random() < win_probability(sig["confidence"], sig.get("strategy", ""))
         pnl = round(rng.uniform(0.5, 3.0) if win else -rng.uniform(0.5, 2.0), 3)
         side = 1.0 if sig["action"] == "BUY" else -1.0
         exit_price = round(sig["entry_price"] * (1 + side * pnl / 100.0), 2)
-        yield sid, {"outcome": "win" if win else "loss", "exit_price": max(0.01, exit_price),
-                    "profit_loss_pct": pnl}
+        return {"outcome": "win" if win else "loss", "exit_price": max(0.01, exit_price), "profit_loss_pct": pnl}
+    return pick
