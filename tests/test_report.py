@@ -313,6 +313,7 @@ def test_names_from_the_database_are_escaped(db):
 
 
 def test_errors_are_messages_not_tracebacks(tmp_path):
+    assert "report" in cli("--help").output and "--per-symbol" in cli("report", "--help").output
     r = cli("report", "--db", tmp_path / "none.db")
     assert r.exit_code == 1 and "no database at" in r.stderr
     (tmp_path / "other.db").write_bytes(b"")
