@@ -5,7 +5,8 @@
 Builds (once) a database with the real schema holding ``--rows`` synthetic signals spread over
 ``--days`` days (all sync states, 40 % closed with outcomes, a few refused rows), then runs
 ``argo-signals report`` as a subprocess three ways (--json, the HTML page, --since 24h) and
-prints seconds and peak RSS (MiB) of each run.
+prints wall seconds, CPU seconds (user + system: what the run costs whatever the machine's
+load) and peak RSS (MiB) of each run.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def measure(args: list) -> tuple:
     proc.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
     if proc.returncode:
         raise SystemExit(f"report failed: {proc.stderr.read().decode() if proc.stderr else ''}")
-    return elapsed, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
 
 
 def main() -> None:
@@ -92,8 +93,9 @@ def main() -> None:
     out = os.path.join(tempfile.gettempdir(), "argo-report-scale.html")
     for label, args in (("--json", ["--db", db, "--json"]), ("page", ["--db", db, "--out", out]),
                         ("page --since 24h", ["--db", db, "--out", out, "--since", "24h"])):
-        secs, rss = measure(args)
-        print(f"{a.rows:>9} rows  {label:<17} {secs:6.2f} s  peak RSS {rss:6.1f} MiB", flush=True)
+        secs, cpu, rss = measure(args)
+        print(f"{a.rows:>9} rows  {label:<17} {secs:6.2f} s wall  {cpu:6.2f} s CPU  peak RSS {rss:6.1f} MiB",
+              flush=True)
 
 
 if __name__ == "__main__":
