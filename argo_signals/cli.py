@@ -1,4 +1,4 @@
-"""The ``argo-signals`` command line (click): demo, ingest, status, tail, export, sync, verify, bench."""
+"""The ``argo-signals`` command line (click): demo, ingest, status, tail, export, report, sync, verify, bench."""
 from __future__ import annotations
 
 import csv
@@ -109,8 +109,9 @@ def main(ctx: click.Context, verbose: bool, db_path: Optional[str]) -> None:
 @quiet_option
 def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Optional[str],
          as_json: bool, quiet: bool) -> None:
-    """Log realistic synthetic signals from several threads and report what was persisted."""
-    from .demo import signals
+    """Log realistic synthetic signals from several threads, close a share of them with an
+    outcome (update_signal), and report what was persisted."""
+    from .demo import outcome_picker, signals
 
     if count < 1 or producers < 1:
         raise click.BadParameter("--count and --producers must be >= 1")
@@ -119,23 +120,32 @@ def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opti
     lock = threading.Lock()
     shares = [count // producers + (1 if k < count % producers else 0) for k in range(producers)]
     done = [0]
+    closed = {"win": 0, "loss": 0}
     before = sync_state(db_path)
 
     def produce(k: int, n: int) -> None:
         gen = signals(seed=k)
         mine: List[float] = []
+        pick = outcome_picker(seed=k)
+        mine_closed = {"win": 0, "loss": 0}
         gap = 1.0 / rate if rate > 0 else 0.0
         for _ in range(n):
             sig = next(gen)
             t0 = time.perf_counter()
-            tracker.log_signal(sig)
+            sid = tracker.log_signal(sig)
             mine.append((time.perf_counter() - t0) * 1e6)
+            fields = pick(sig)
+            if fields is not None:  # the same queue: the update lands after its insert
+                tracker.update_signal(sid, **fields)
+                mine_closed[fields["outcome"]] += 1
             with lock:
                 done[0] += 1
             if gap:
                 time.sleep(gap)
         with lock:
             call_us.extend(mine)
+            for key, n_closed in mine_closed.items():
+                closed[key] += n_closed
 
     start = time.perf_counter()
     threads = [threading.Thread(target=produce, args=(k, n), daemon=True) for k, n in enumerate(shares)]
@@ -164,6 +174,7 @@ def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opti
         "log_signal_us": {"p50": _r(percentile(call_us, 0.5)), "p99": _r(percentile(call_us, 0.99))},
         "time_to_durable_ms": st["latency_ms"],
         "flushes": st["flushes"],
+        "closed": {"wins": closed["win"], "losses": closed["loss"]},
         "sync": {"enabled": st["sync_enabled"],
                  "synced": after["synced"] - before["synced"], "pending": after["sync_pending"],
                  "rejected": after["sync_rejected"], "skipped": after["sync_skipped"],
@@ -178,10 +189,18 @@ def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opti
             f"  sync: " + ("off (no --alpine-url / ALPINE_API_URL); rows stay pending"
                            if not st["sync_enabled"] else
                            f"{summary['sync']['synced']} synced, {after['sync_pending']} pending, "
-                           f"{after['sync_skipped']} skipped, {after['sync_rejected']} rejected"))
+                           f"{after['sync_skipped']} skipped, {after['sync_rejected']} rejected")
+            + f"\n  closed with an outcome: {closed['win']} wins, {closed['loss']} losses (update_signal)"
+            + f"\nsee it all on one page: argo-signals report --db {db_path} --open" + _report_extra_hint())
     _emit(summary, as_json, text)
     if summary["persisted"] + summary["rejected"] + st["duplicates"] != summary["logged"]:
         sys.exit(1)
+
+
+def _report_extra_hint() -> str:
+    from .report_html import EXTRA_HINT, charts_available
+
+    return "" if charts_available() else f" (first: {EXTRA_HINT})"
 
 
 def _r(v: Optional[float]) -> Optional[float]:
@@ -507,6 +526,50 @@ def export(db_path: str, fmt: str, since: Optional[str], until: Optional[str], s
         n += 1
     conn.close()
     click.echo(f"exported {n} signals", err=True)
+
+
+# -- report -------------------------------------------------------------------------------------
+@main.command()
+@db_option
+@click.option("--out", "out_path", default="report.html", show_default=True, type=click.Path(dir_okay=False),
+              help="HTML file to write.")
+@click.option("--since", default=None, help="Only signals committed since: 24h, 7d, 30m or an ISO time "
+                                            "(default: the whole database).")
+@click.option("--strategy", default=None, help="Only this strategy.")
+@click.option("--per-symbol", is_flag=True, help="Add the per-strategy figures per symbol too.")
+@click.option("--open", "open_it", is_flag=True, help="Open the page in the default browser.")
+@click.option("--json", "as_json", is_flag=True, help="Print the aggregates (exact) instead of writing the page.")
+def report(db_path: str, out_path: str, since: Optional[str], strategy: Optional[str], per_symbol: bool,
+           open_it: bool, as_json: bool) -> None:
+    """One self-contained HTML page: pipeline health and signal quality, with charts."""
+    from .report import ReportError, collect
+
+    try:
+        data = collect(db_path, since=since, strategy=strategy, per_symbol=per_symbol)
+    except ReportError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    from .report_html import MissingExtra, render
+
+    try:
+        page = render(data)
+    except MissingExtra as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        with open(out_path, "w", encoding="utf-8") as f:
+            f.write(page)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out_path}: {exc.strerror or exc}") from None
+    path = os.path.abspath(out_path)
+    click.echo(path)
+    if open_it:
+        import pathlib
+        import webbrowser
+
+        if not webbrowser.open(pathlib.Path(path).as_uri()):
+            click.echo("could not start a browser; open the file above yourself", err=True)
 
 
 # -- sync / verify --------------------------------------------------------------------------------

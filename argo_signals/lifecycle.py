@@ -23,7 +23,7 @@ import os
 import signal as _signal
 import threading
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 log = logging.getLogger("argo_signals")
 

@@ -1,18 +1,39 @@
 """Counters shared by the writer, the sync and the tracker, and their snapshot for ``stats()``."""
 from __future__ import annotations
 
+import math
 from collections import deque
-from typing import Any, Deque, Dict, Optional
+from typing import Any, Deque, Dict, Iterable, Optional, Tuple
 
 FLUSH_REASONS = ("size", "timeout", "interval", "manual", "close")
 
 
+def nearest_rank(q: float, n: int) -> int:
+    """The index of the nearest-rank ``q`` quantile (0-1) among ``n`` sorted values:
+    round(q * (n - 1)), halves up."""
+    return int(math.floor(q * (n - 1) + 0.5))
+
+
 def percentile(sorted_values: list, q: float) -> Optional[float]:
-    """The nearest-rank ``q`` quantile (0-1) of an already sorted list; None when it is empty."""
+    """The nearest-rank ``q`` quantile of an already sorted list; None when it is empty."""
     if not sorted_values:
         return None
-    i = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
-    return sorted_values[i]
+    return sorted_values[min(len(sorted_values) - 1, max(0, nearest_rank(q, len(sorted_values))))]
+
+
+def percentiles_of_counts(pairs: Iterable[Tuple[Any, int]], n: int,
+                          quantiles: Dict[str, float]) -> Dict[str, Any]:
+    """Nearest-rank quantiles of ``n`` values given as sorted (value, how many) pairs, so that
+    a caller (e.g. SQL ``GROUP BY value``) need not hold every value."""
+    out: Dict[str, Any] = {name: None for name in quantiles}
+    wanted = {name: nearest_rank(q, n) for name, q in quantiles.items()}
+    seen = 0
+    for value, count in pairs:
+        for name, idx in wanted.items():
+            if out[name] is None and seen <= idx < seen + count:
+                out[name] = value
+        seen += count
+    return out
 
 
 class Stats:

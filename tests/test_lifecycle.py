@@ -14,7 +14,7 @@ import pytest
 
 from argo_signals import SignalTracker
 
-from conftest import ROOT, LineReader, count, make_signal, rows, run_script, spawn_script, wait_for
+from conftest import ROOT, LineReader, count, make_signal, rows, run_script, spawn_script
 
 QUIET = dict(batch_size=1_000_000, batch_timeout=3600, flush_interval=3600, register_atexit=False)
 UNSAVED_PREFIX = "argo-signals-unsaved: "
@@ -65,7 +65,7 @@ def test_producers_racing_close_lose_nothing(db):
         returned = [0] * 4
         stop = threading.Event()
 
-        def produce(k):
+        def produce(k, t=t, stop=stop, returned=returned):
             i = 0
             while not stop.is_set() and i < 3000:
                 t.log_signal(make_signal(i, strategy=f"p{k}"))

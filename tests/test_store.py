@@ -5,7 +5,6 @@ import math
 import sqlite3
 import time
 from datetime import datetime, timezone
-from decimal import Decimal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
