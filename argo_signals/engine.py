@@ -27,13 +27,14 @@ import threading
 import time
 from typing import Any, Callable, List, Optional, Protocol, Sequence
 
+from .batchqueue import EntryQueue, Sealed
 from .config import Config
 from .sink import Entry, Outcome
 from .stats import Stats
 
 log = logging.getLogger("argo_signals")
 
-__all__ = ["Engine", "State", "Sink", "EntryQueue", "Sealed"]
+__all__ = ["Engine", "State", "Sink"]
 
 
 class State(enum.Enum):
@@ -51,64 +52,6 @@ class Sink(Protocol):
     def salvage(self, entries: Sequence[Entry]) -> Outcome: ...
     def close(self) -> None: ...
     def after_fork(self) -> None: ...
-
-
-class Sealed(Exception):
-    """put() on a queue that close() has sealed: the caller writes synchronously."""
-
-
-class EntryQueue(queue.Queue):  # type: ignore[type-arg]
-    """``queue.Queue`` with a running count, a seal, and bulk take/put-back under its mutex.
-
-    ``seq`` (entries ever queued, in queue order) is ``taken + len(queue)``, so appending
-    costs no counter.  Producers append under ``mutex`` while ``len(queue) < limit``;
-    ``seal()`` sets ``limit`` to 0, and the stdlib's blocking ``put()`` then meets ``Sealed``.
-    """
-
-    def __init__(self, maxsize: int) -> None:
-        super().__init__(maxsize)
-        self.taken = 0
-        self.limit = maxsize
-        self.sealed = False
-
-    @property
-    def seq(self) -> int:
-        with self.mutex:
-            return self.taken + len(self.queue)
-
-    def _qsize(self) -> int:  # sealed: waiting producers wake and meet Sealed in _put
-        return 0 if self.sealed else len(self.queue)
-
-    def _put(self, item: Entry) -> None:
-        if self.sealed:
-            raise Sealed
-        self.queue.append(item)
-
-    def force_put(self, item: Entry) -> int:
-        """Queue past the bound and the seal; returns the entry's position (its ``seq``)."""
-        with self.mutex:
-            self.queue.append(item)
-            return self.taken + len(self.queue)
-
-    def take(self, n: int) -> List[Entry]:
-        with self.mutex:
-            q = self.queue
-            out = [q.popleft() for _ in range(min(n, len(q)))]
-            if out:
-                self.taken += len(out)
-                self.not_full.notify_all()
-            return out
-
-    def put_back(self, items: List[Entry]) -> None:
-        with self.mutex:
-            self.queue.extendleft(reversed(items))
-            self.taken -= len(items)
-
-    def seal(self) -> None:
-        with self.mutex:
-            self.sealed = True
-            self.limit = 0
-            self.not_full.notify_all()
 
 
 _OPEN = State.OPEN

@@ -5,7 +5,8 @@ import time
 import pytest
 
 from argo_signals.config import Config
-from argo_signals.engine import Engine, EntryQueue, Sealed, State
+from argo_signals.batchqueue import EntryQueue, Sealed
+from argo_signals.engine import Engine, State
 from argo_signals.sink import INSERT, Outcome
 from argo_signals.stats import Stats
 
