@@ -163,8 +163,7 @@ class Engine:
     # -- running the sink (whoever holds the write lock) ---------------------------------------
     def _run_until(self, target: int, reason: Optional[str], deadline: float) -> bool:
         while self._done < target:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._write_lock.acquire(timeout=left):
+            if deadline <= time.monotonic() or not self._write_lock.acquire(timeout=_seconds_until(deadline)):
                 return False
             try:
                 n = min(target - self._done, self.config.max_batch)
@@ -284,7 +283,7 @@ class Engine:
             if dq:
                 self._armed = False
                 deadline = min(deadline, _oldest(dq, now) + cfg.batch_timeout)
-            wake.wait(max(0.0, deadline - time.monotonic()))
+            wake.wait(_seconds_until(deadline))
 
     def _tick(self) -> None:
         if self.sink.spill_pending():
@@ -296,7 +295,7 @@ class Engine:
                 log.exception("tick hook failed")
 
     def _replay(self, deadline: float) -> bool:
-        if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        if not self._write_lock.acquire(timeout=_seconds_until(deadline)):
             return False
         try:
             return self.sink.replay(max(0.0, deadline - time.monotonic()))
@@ -348,7 +347,7 @@ class Engine:
         self._q.seal()
         self._wake.set()
         if thread is not None and thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(_seconds_until(deadline))
         target = self._q.seq
         ok = self._run_until(target, "close", deadline)
         if not ok:
@@ -357,7 +356,7 @@ class Engine:
         with self._lock:
             if self._state is State.CLOSING and not (thread is not None and thread.is_alive()):
                 self._state = State.CLOSED
-        if self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        if self._write_lock.acquire(timeout=_seconds_until(deadline)):
             try:
                 self.sink.close()   # a later synchronous write opens one connection and keeps it
             finally:
@@ -386,6 +385,11 @@ class Engine:
             self._reset(State.CLOSED)
         else:
             self._reset(State.DEGRADED, "forked child")
+
+
+def _seconds_until(deadline: float) -> float:
+    """A timeout for ``Lock.acquire``: never negative, never past ``threading.TIMEOUT_MAX``."""
+    return min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX)
 
 
 def _oldest(dq: Any, default: float) -> float:

@@ -195,3 +195,11 @@ def test_fork_child_state_is_degraded_and_writes_synchronously():
     assert e.state is State.DEGRADED and e.pending() == 0
     put(e, 2)
     assert sink.written[-1] == 2    # written before put() returned
+
+
+def test_flush_without_a_timeout_when_the_caller_must_write():
+    e, sink = engine()
+    e.after_fork_in_child()          # no thread: flush() runs the sink itself
+    e._q.force_put((INSERT, 1, time.monotonic()))
+    assert e.flush(None) is True     # no deadline at all must not mean an invalid one
+    assert sink.written == [1]
