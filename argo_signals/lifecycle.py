@@ -1,6 +1,6 @@
 """The one owner of process events: interpreter exit, fork, SIGTERM/SIGINT.
 
-Trackers register callbacks here (held weakly).  The engine and the sync are handed the
+Trackers register callbacks here.  The engine and the sync are handed the
 ``EXITING`` event; neither imports the other.
 
 - Before the interpreter joins non-daemon threads (``threading`` exit hook): ``EXITING`` is
@@ -22,7 +22,6 @@ import logging
 import os
 import signal as _signal
 import threading
-import weakref
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 log = logging.getLogger("argo_signals")
@@ -43,10 +42,12 @@ _exit_signal: Optional[int] = None    # re-raise with the default action once cl
 
 
 def watch(at_exit: Hook, before_join: Hook, in_child: Hook) -> int:
-    """Register a tracker's bound methods (held weakly); returns a handle for ``unwatch``."""
+    """Register a tracker's hooks; returns a handle for ``unwatch``.
+
+    The hooks are held strongly: pass callables that hold the tracker's working parts, not
+    the tracker, so that a tracker dropped without ``close()`` is still closed at exit."""
     global _installed
-    refs = tuple(_none if m is None else weakref.WeakMethod(m)  # type: ignore[arg-type]
-                 for m in (at_exit, before_join, in_child))
+    refs = tuple(_none if m is None else m for m in (at_exit, before_join, in_child))
     with _watch_lock:
         handle = id(refs)
         _watched[handle] = refs
@@ -73,10 +74,8 @@ def unwatch(handle: int) -> None:
 
 def _call_all(slot: int, what: str) -> None:
     with _watch_lock:
-        hooks = [refs[slot]() for refs in _watched.values()]
+        hooks = [refs[slot] for refs in _watched.values()]
     for hook in hooks:
-        if hook is None:
-            continue
         try:
             hook()
         except Exception:

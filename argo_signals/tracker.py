@@ -59,9 +59,10 @@ class SignalTracker:
         self._engine = Engine(config, self._sink, self._stats, lifecycle.EXITING,
                               on_tick=None if self._syncer is None else self._syncer.nudge)
         self._put = self._engine.put
+        self._parts = _Parts(config, self._stats, self._engine, self._syncer)
         self._watch: Optional[int] = lifecycle.watch(
-            self._close_at_exit if config.register_atexit else None,
-            self._stop_sync_at_exit, self._after_fork)
+            self._parts.close_at_exit if config.register_atexit else None,
+            self._parts.stop_sync_at_exit, self._parts.after_fork)
         if config.handle_signals:
             self.install_signal_handlers()
         self._engine.start()
@@ -114,21 +115,10 @@ class SignalTracker:
         ``log_signal()`` calls still persist (written synchronously).  With ``timeout=None``
         it waits no longer than the write-retry budget plus the sync shutdown budget.
         """
-        start = time.monotonic()
-        with lifecycle.closing():
-            ok = self._engine.close(timeout)
-            if self._syncer is not None:
-                try:
-                    self._syncer.settle_offline()
-                except (sqlite3.Error, OSError) as exc:
-                    log.warning("could not mark NEUTRAL/refused rows at close: %s", exc)
-                left = self._syncer.config.shutdown_timeout
-                if timeout is not None:
-                    left = max(0.0, min(left, timeout - (time.monotonic() - start)))
-                ok = self._syncer.stop(left) and ok
-            if self._engine.state is State.CLOSED and self._watch is not None:
-                lifecycle.unwatch(self._watch)
-                self._watch = None
+        ok = self._parts.close(timeout)
+        if self._engine.state is State.CLOSED and self._watch is not None:
+            lifecycle.unwatch(self._watch)
+            self._watch = None
         return ok
 
     def __enter__(self) -> "SignalTracker":
@@ -172,24 +162,53 @@ class SignalTracker:
         """
         lifecycle.install_signal_handlers(signals)
 
-    def _close_at_exit(self) -> None:
-        if self._pid == os.getpid():
-            self.close(self.atexit_timeout)
-
-    def _stop_sync_at_exit(self) -> None:
-        if self._syncer is not None and self._pid == os.getpid():
-            self._syncer.stop(self._syncer.config.shutdown_timeout)
-
     def _after_fork(self) -> None:
-        """In a forked child: start empty, writing synchronously, with a fresh connection."""
-        if self._pid == os.getpid():
-            return
+        """In a forked child (found by the pid check): reset this tracker's own counters."""
+        self._parts.after_fork()
         self._pid = os.getpid()
-        self._stats.__init__()  # type: ignore[misc]
         self._logged = itertools.count()
-        self._engine.after_fork_in_child()
-        if self._syncer is not None:
-            self._syncer.after_fork_in_child()
+
+
+class _Parts:
+    """A tracker's working parts, held by the lifecycle hooks instead of the tracker: one
+    dropped without ``close()`` is still closed at exit, and a forked child resets them once."""
+
+    def __init__(self, config: Config, stats: Stats, engine: Engine, syncer: Optional[Syncer]) -> None:
+        self.config, self.stats, self.engine, self.syncer = config, stats, engine, syncer
+        self.pid = os.getpid()
+
+    def close(self, timeout: Optional[float]) -> bool:
+        start = time.monotonic()
+        with lifecycle.closing():
+            ok = self.engine.close(timeout)
+            if self.syncer is not None:
+                try:
+                    self.syncer.settle_offline()
+                except (sqlite3.Error, OSError) as exc:
+                    log.warning("could not mark NEUTRAL/refused rows at close: %s", exc)
+                left = self.syncer.config.shutdown_timeout
+                if timeout is not None:
+                    left = max(0.0, min(left, timeout - (time.monotonic() - start)))
+                ok = self.syncer.stop(left) and ok
+        return ok
+
+    def close_at_exit(self) -> None:
+        if self.pid == os.getpid():
+            self.close(self.config.atexit_timeout)
+
+    def stop_sync_at_exit(self) -> None:
+        if self.syncer is not None and self.pid == os.getpid():
+            self.syncer.stop(self.syncer.config.shutdown_timeout)
+
+    def after_fork(self) -> None:
+        """In a forked child: start empty, writing synchronously, with a fresh connection."""
+        if self.pid == os.getpid():
+            return
+        self.pid = os.getpid()
+        self.stats.__init__()  # type: ignore[misc]
+        self.engine.after_fork_in_child()
+        if self.syncer is not None:
+            self.syncer.after_fork_in_child()
 
 
 def _count_value(counter: "itertools.count[int]") -> int:

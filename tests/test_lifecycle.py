@@ -318,3 +318,17 @@ def test_log_after_close_reuses_one_connection(db):
         t.log_signal(make_signal(i))
     assert count(db) == 200
     assert len(opened) - before <= 1
+
+
+def test_tracker_dropped_without_close_is_still_written_at_exit(db):
+    out = run_script("""
+        import gc, sys
+        from argo_signals import SignalTracker
+        t = SignalTracker(sys.argv[1], batch_size=10_000, batch_timeout=3600, flush_interval=3600)
+        for i in range(300):
+            t.log_signal({"symbol": "GONE", "action": "BUY", "entry_price": 1, "confidence": 1})
+        del t
+        gc.collect()
+    """, db)
+    assert out.returncode == 0, out.stderr
+    assert count(db) == 300
