@@ -234,7 +234,7 @@ def requests_ceiling(url: str, sigs: List[Dict[str, Any]]) -> float:
 
     import requests
 
-    from .sync import SIGNAL_PATH, payload
+    from .alpine import SIGNAL_PATH, payload
 
     bodies = [json.dumps(payload(dict(zip(FINISHED_FIELDS, finish(normalise(s)))))) for s in sigs]
     session = requests.Session()

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from . import spill, store
 from .signal import normalise, normalise_update
 from .stats import Stats
+from .alpine import check_api_key
 from .sync import Syncer, SyncConfig
 from .writer import INSERT, UPDATE, Writer, WriterConfig, interpreter_exiting
 
@@ -84,7 +85,7 @@ class SignalTracker:
             enabled = True  # an explicit URL wins over the environment switch
         self._syncer: Optional[Syncer] = None
         if url and enabled is not False:
-            key = api_key if api_key is not None else os.environ.get("ARGO_API_KEY")
+            key = check_api_key(api_key if api_key is not None else os.environ.get("ARGO_API_KEY"))
             self._syncer = Syncer(self.db_path, SyncConfig(
                 url, key, workers=sync_workers, timeout=tuple(sync_timeout),  # type: ignore[arg-type]
                 shutdown_timeout=sync_shutdown_timeout, retry_budget=sync_retry_budget,
@@ -120,7 +121,7 @@ class SignalTracker:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        sync = self._syncer.config.alpine_url if self._syncer else None
+        sync = self._syncer.config.public_url if self._syncer else None
         return f"SignalTracker({self.db_path!r}, {state}, alpine_url={sync!r})"
 
     # -- logging -------------------------------------------------------------------------
