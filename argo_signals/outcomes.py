@@ -50,9 +50,13 @@ class Outcomes:
         self.last_error: Optional[str] = None
         self.config_error: Optional[str] = None  # a 3xx or 401/403 answer, until a row syncs again
         self._settled: List[Tuple[int, int, str, Optional[str]]] = []  # (generation, id, status, error)
-        self._settle_lock = threading.Lock()
+        self._settle_lock = threading.Lock()   # one writer of outcomes at a time
+        self._queue_lock = threading.Lock()    # guards the list itself (append and swap)
         self._count_lock = threading.Lock()
         self._written_at = 0.0
+        self._oldest = 0.0
+        self.batch = 32            # final outcomes written together...
+        self.max_wait = 0.05       # ...or once the oldest has waited this long
 
     # -- errors ----------------------------------------------------------------------------------
     def error(self, text: str, persist: bool = True) -> None:
@@ -141,25 +145,38 @@ class Outcomes:
 
     # -- batched final outcomes ------------------------------------------------------------------
     def _settle(self, generation: int, row_id: int, status: str, error: Optional[str]) -> None:
-        self._settled.append((generation, row_id, status, error))
-        self.flush()
+        """Queue a final outcome; written once a batch has gathered or it has waited a little
+        (and always when the sync goes idle or stops: see ``Syncer``)."""
+        now = time.monotonic()
+        with self._queue_lock:
+            if not self._settled:
+                self._oldest = now
+            self._settled.append((generation, row_id, status, error))
+            due = len(self._settled) >= self.batch or now - self._oldest >= self.max_wait
+        if due:
+            self.flush()
 
-    def flush(self) -> None:
+    def flush(self, wait: float = 0.0) -> None:
         """Write queued final outcomes; whoever finds the writer free writes all that wait.
 
-        Outcomes of rows claimed from a database file that has since been replaced are dropped.
+        With ``wait`` it waits that long for a flush in progress on another thread to end
+        (so that what that thread holds is written when this returns).  Outcomes of rows
+        claimed from a database file that has since been replaced are dropped.
         """
-        while self._settled:
-            if not self._settle_lock.acquire(blocking=False):
-                return  # the holder re-checks the list after it releases
+        while True:
+            if not (self._settle_lock.acquire(timeout=wait) if wait > 0 else self._settle_lock.acquire(False)):
+                return  # the holder takes what was queued meanwhile on its next round
             try:
-                batch, self._settled = self._settled, []
+                with self._queue_lock:
+                    batch, self._settled = self._settled, []
+                if not batch:
+                    return
                 current = self.generation()
-                batch = [b for b in batch if b[0] == current]
                 try:
-                    store.settle_many(self._conn(), self.token, [b[1:] for b in batch])
+                    store.settle_many(self._conn(), self.token, [b[1:] for b in batch if b[0] == current])
                 except Exception as exc:
-                    self._settled[:0] = batch
+                    with self._queue_lock:
+                        self._settled[:0] = batch
                     self.error(f"could not record sync outcomes: {exc}", persist=False)
                     log.warning("could not record %d sync outcomes yet: %s", len(batch), exc)
                     return

@@ -129,7 +129,7 @@ class Syncer:
         self._generation = 0
         self._probe: Optional[threading.Thread] = None
         self._warned_confidence = False
-        self.max_inflight = self.config.workers * 2
+        self.max_inflight = self.config.workers * 4
         self.lease = self.config.retry_budget * 3 + 60.0
         cfg = self.config
         self.breaker = Breaker(cfg.breaker_threshold, cfg.probe_base, cfg.probe_max)
@@ -247,7 +247,10 @@ class Syncer:
             with self._lock:
                 self._pumping = False
                 again, self._renudge = self._renudge, False
+                idle = self._inflight == 0
                 self._idle.notify_all()
+            if idle:
+                self.outcomes.flush()  # rows settled without a request, with no delivery to follow
             if again:
                 self.nudge()
 
@@ -282,9 +285,12 @@ class Syncer:
     def _delivered(self, fut: "Future[None]") -> None:
         with self._lock:
             self._inflight -= 1
+            idle = self._inflight == 0
             low = self._inflight <= self.max_inflight // 2
             self._idle.notify_all()
         self._report(fut)
+        if idle:
+            self.outcomes.flush()  # nothing else will come to push the batch out
         if low:
             self.nudge()
 
@@ -387,11 +393,11 @@ class Syncer:
                 if left <= 0:
                     return False
                 self._idle.wait(min(left, 0.05))
-        while self.outcomes.unwritten and time.monotonic() < deadline:
-            self.outcomes.flush()
-            if self.outcomes.unwritten:
-                time.sleep(0.01)
-        return not self.outcomes.unwritten
+        while True:  # a worker may be writing outcomes right now: wait for it, then write the rest
+            self.outcomes.flush(wait=max(0.01, deadline - time.monotonic()))
+            if not self.outcomes.unwritten or time.monotonic() >= deadline:
+                return not self.outcomes.unwritten
+            time.sleep(0.01)
 
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Stop claiming; let in-flight requests finish within ``timeout``, then abort them."""
@@ -409,6 +415,7 @@ class Syncer:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self.delivery.close()
+        self.outcomes.flush(wait=1.0)  # whatever is still queued, before the claims are released
         try:  # rows claimed but never started go back to pending at once
             conn = store.connect(self.db_path, self.config.durability, self.config.busy_timeout)
             try:
