@@ -457,7 +457,7 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
     outcomes = report.outcomes
     st = sync_state(db_path)
     taken = sum(outcomes[k] for k in ("synced", "skipped", "rejected", "transient"))
-    unsettled = outcomes["rejected"] + outcomes["transient"] or report.end is not End.DONE
+    unsettled = outcomes["rejected"] > 0 or outcomes["transient"] > 0 or report.end is not End.DONE
     data = {"taken": taken, "synced": outcomes["synced"], "skipped": outcomes["skipped"],
             "rejected": outcomes["rejected"], "not_synced_yet": outcomes["transient"],
             "reset_to_pending": reset, "still_pending": st["sync_pending"], "failed": st["sync_failed"],

@@ -12,7 +12,7 @@ import socket
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
@@ -31,7 +31,7 @@ class Redactor:
     """Replaces every occurrence of the secrets (raw, JSON-escaped, percent-encoded) with ``***``."""
 
     def __init__(self, secrets: Iterable[Optional[str]]) -> None:
-        forms = set()
+        forms: Set[str] = set()
         for s in secrets:
             if s:
                 forms.update((s, json.dumps(s)[1:-1], quote(s, safe=""), quote(s)))
@@ -186,6 +186,10 @@ class Delivery:
             delay = max(delay, min(ra, self.config.max_retry_after))
         return delay
 
+    def _sleep(self, seconds: float) -> None:
+        """tenacity's sleep: ends at once when the sync stops."""
+        self.stopping.wait(seconds)
+
     def _count_retry(self, rs: Any) -> None:
         self.retries += 1
 
@@ -206,7 +210,7 @@ class Delivery:
         retrying = Retrying(
             retry=retry_if_result(self._again),
             stop=stop_after_attempt(cfg.requests_per_claim) | stop_before_delay(cfg.retry_budget),
-            wait=self._wait, sleep=self.stopping.wait, before_sleep=self._count_retry,
+            wait=self._wait, sleep=self._sleep, before_sleep=self._count_retry,
             retry_error_callback=_last_result)
         return retrying(attempt)  # type: ignore[no-any-return]
 
