@@ -1,9 +1,11 @@
 """A loopback receiver that behaves like the Alpine ingest endpoint, for tests and the benchmark.
 
 It checks the API key, decodes and validates the body, detects duplicates by hash before
-verifying the hash, applies the receiver's storage checks, and stores in memory.  Faults can be
-injected: queued answers (e.g. 500s, 429 with Retry-After, 401), a delay before answering, and
-going down (connections refused until ``start()`` again).
+verifying the hash, applies the receiver's storage checks (from ``alpine.REFUSALS``, symbol
+length after upper-casing), and stores in memory.  Faults can be injected: queued answers
+(e.g. 500s, 429 with Retry-After, 401, raw unparseable bodies), redirects (``redirect()``), a
+receiver that echoes the key it was sent in its error answers (``echo_key = True``), a delay
+before answering, and going down (connections refused until ``start()`` again).
 
     >>> from argo_signals.testing import AlpineServer
     >>> server = AlpineServer(api_key="k").start()
