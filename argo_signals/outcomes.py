@@ -98,8 +98,9 @@ class Outcomes:
         if kind is Kind.SYNCED:
             self._count("synced")
             self._settle(generation, rid, "synced", None)
-            if self.config_error is not None:
-                self.config_error = None
+            with self._count_lock:
+                was, self.config_error = self.config_error, None
+            if was is not None:
                 log.warning("Alpine at %s accepts the signals again", self.where)
         elif kind is Kind.REJECTED:
             self._count("rejected")
@@ -107,7 +108,9 @@ class Outcomes:
             log.warning("signal %s rejected by Alpine: %s", sid, detail)
         elif kind in (Kind.AUTH, Kind.REDIRECT):
             self._count(kind.value, handled=False)
-            if self.config_error is None:
+            with self._count_lock:  # several workers get the same answer at once: one ERROR
+                first, self.config_error = self.config_error is None, detail
+            if first:
                 if kind is Kind.AUTH:
                     log.error("Alpine at %s refused the API key (%s); signals stay pending; check ARGO_API_KEY",
                               self.where, detail)
@@ -115,7 +118,6 @@ class Outcomes:
                     log.error("Alpine at %s answered %s; redirects are not followed (the key must not go "
                               "elsewhere): set ALPINE_API_URL to the final address; signals stay pending",
                               self.where, detail)
-            self.config_error = detail
             self.error(detail)
             store.release(self._conn(), rid, self.token, detail, False, time.time() + cfg.auth_pause,
                           cfg.max_attempts)
