@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 __all__ = ["SIGNAL_PATH", "HEALTH_PATH", "payload", "hash_fields", "receiver_hash", "Refusal",
-           "REFUSALS", "refusal", "refusal_sql", "register_sql_functions", "check_api_key",
+           "REFUSALS", "refusal", "refusal_sql", "register_sql_functions", "fraction_warning", "check_api_key",
            "parse_retry_after", "Kind", "Answer", "classify", "RETRYABLE_STATUS"]
 
 SIGNAL_PATH = "/api/v1/external-signals/sync/signal"
@@ -172,6 +172,17 @@ def register_sql_functions(conn: sqlite3.Connection) -> None:
 def refusal_sql() -> List[Tuple[str, str, str, List[Any]]]:
     """[(status, reason, condition, params)] in rule order (needs ``register_sql_functions``)."""
     return [(r.status, r.reason, *r.sql()) for r in REFUSALS]
+
+
+def fraction_warning(row: Mapping[str, Any]) -> Optional[str]:
+    """Why a confidence in (0, 1] will be misread by Alpine (it reads values <= 1 as fractions),
+    or None."""
+    c = row.get("confidence")
+    if not isinstance(c, (int, float)) or not 0 < c <= 1:
+        return None
+    return (f"signal {row.get('signal_id')} has confidence {c:g}: argo-signals takes confidence on the "
+            f"0-100 scale ({c:g} %), but Alpine reads a value <= 1 as a fraction and will show "
+            f"{c * 100:g} %; pass {c * 100:g} for {c * 100:g} %")
 
 
 # -- what may be sent as the key -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""A circuit breaker for an unreachable receiver.
+"""A circuit breaker for an unreachable receiver, and the probe that closes it.
 
 After ``threshold`` consecutive connection failures or timeouts it opens: the sync stops
 sending rows and a single probe asks the receiver on an exponential schedule (``probe_base``
@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-__all__ = ["State", "Breaker"]
+__all__ = ["State", "Breaker", "Prober"]
 
 
 class State(str, enum.Enum):
@@ -73,3 +73,48 @@ class Breaker:
         """Seconds the breaker has been open (0 when closed)."""
         opened = self.opened_at
         return 0.0 if opened is None else max(0.0, self.clock() - opened)
+
+
+class Prober:
+    """While the breaker is open, one daemon thread asks the receiver on the breaker's schedule.
+
+    ``ask()`` returns None when the receiver answered, else why not.  ``on_open(reason)`` runs
+    once per outage when the probing starts; ``on_answer(seconds_down)`` once when it ends.
+    """
+
+    def __init__(self, breaker: Breaker, ask: Callable[[], Optional[str]], stopping: threading.Event,
+                 on_open: Callable[[str], None], on_answer: Callable[[float], None]) -> None:
+        self.breaker = breaker
+        self.ask = ask
+        self.stopping = stopping
+        self.on_open = on_open
+        self.on_answer = on_answer
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    def ensure(self) -> None:
+        """Start probing unless a probe is running already (or the sync stops)."""
+        with self._lock:
+            if self._thread is not None or self.stopping.is_set() or not self.breaker.is_open:
+                return
+            self._thread = threading.Thread(target=self._loop, name="argo-signals-probe", daemon=True)
+        self.on_open(self.breaker.reason)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        started = self.breaker.clock()
+        try:
+            while not self.stopping.wait(self.breaker.next_probe_delay()):
+                if self.breaker.is_open:  # (a delivery may have got an answer meanwhile)
+                    why = self.ask()
+                    if why is not None:
+                        self.breaker.reason = why
+                        continue
+                    self.breaker.success()
+                self.on_answer(self.breaker.clock() - started)
+                return
+        finally:
+            with self._lock:
+                self._thread = None
+            if self.breaker.is_open and not self.stopping.is_set():
+                self.ensure()  # a new outage began while this probe was ending

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from . import store
-from .alpine import (HEALTH_PATH, SIGNAL_PATH, Answer, Kind, check_api_key, parse_retry_after,
-                     payload, refusal, refusal_sql, register_sql_functions)
-from .breaker import Breaker
+from .alpine import (HEALTH_PATH, SIGNAL_PATH, Answer, Kind, check_api_key, fraction_warning,
+                     parse_retry_after, payload, refusal, refusal_sql, register_sql_functions)
+from .breaker import Breaker, Prober
 from .delivery import Delivery, Redactor, safe_url
 from .outcomes import Outcomes
 from .writer import interpreter_exiting
@@ -127,13 +127,14 @@ class Syncer:
         self._stopped = False
         self._file_id: Optional[Tuple[int, int]] = None
         self._generation = 0
-        self._probe: Optional[threading.Thread] = None
         self._warned_confidence = False
         self.max_inflight = self.config.workers * 4
         self.lease = self.config.retry_budget * 3 + 60.0
         cfg = self.config
         self.breaker = Breaker(cfg.breaker_threshold, cfg.probe_base, cfg.probe_max)
         self.delivery = Delivery(cfg, self.breaker, self._stopping, self.redact)
+        self.prober = Prober(self.breaker, self.delivery.probe, self._stopping, self._unreachable,
+                             self._reachable)
         self.outcomes = Outcomes(cfg, self._token, self._conn, self.redact, cfg.public_url,
                                  lambda: self._generation)
 
@@ -273,14 +274,11 @@ class Syncer:
         return True
 
     def _check_confidence(self, row: Dict[str, Any]) -> None:
-        c = row.get("confidence")
-        if self._warned_confidence or not isinstance(c, (int, float)) or not 0 < c <= 1:
-            return
-        self._warned_confidence = True
-        log.warning("signal %s has confidence %g: argo-signals takes confidence on the 0-100 scale "
-                    "(%g %%), but Alpine reads a value <= 1 as a fraction and will show %g %%; pass %g "
-                    "for %g %% (this warning is given once per tracker)",
-                    row.get("signal_id"), c, c, c * 100, c * 100, c * 100)
+        if not self._warned_confidence:
+            warning = fraction_warning(row)
+            if warning is not None:
+                self._warned_confidence = True
+                log.warning("%s (this warning is given once per tracker)", warning)
 
     def _delivered(self, fut: "Future[None]") -> None:
         with self._lock:
@@ -327,43 +325,24 @@ class Syncer:
                     self.forced_after = min(self.forced_after, row["id"] - 1)
                 if self.claim_budget is not None:
                     self.claim_budget += 1
-            self._start_probe()
+            self.prober.ensure()
 
-    # -- the breaker's probe -----------------------------------------------------------------------
-    def _start_probe(self) -> None:
-        with self._lock:
-            if self._probe is not None or self._stopping.is_set():
-                return
-            self._probe = threading.Thread(target=self._probe_loop, name="argo-signals-probe", daemon=True)
-        reason = self.redact(self.breaker.reason)
+    # -- the breaker's two ends ---------------------------------------------------------------------
+    def _unreachable(self, reason: str) -> None:
+        reason = self.redact(reason)
         self.outcomes.error(f"Alpine unreachable at {self.config.public_url}: {reason}")
         log.warning("Alpine unreachable at %s: %s; signals stay pending; probing until it answers",
                     self.config.public_url, reason)
-        self._probe.start()
 
-    def _probe_loop(self) -> None:
+    def _reachable(self, down: float) -> None:
+        log.info("Alpine at %s answers again after %.1fs; sending everything pending now",
+                 self.config.public_url, down)
         try:
-            while not self._stopping.wait(self.breaker.next_probe_delay()):
-                why = self.delivery.probe()
-                if why is not None:
-                    self.breaker.reason = why
-                    continue
-                down = self.breaker.open_for()
-                self.breaker.success()
-                log.info("Alpine at %s answers again after %.1fs; sending everything pending now",
-                         self.config.public_url, down)
-                try:
-                    self._conn().execute("UPDATE signals SET sync_next_at = NULL WHERE sync_status = 'pending' "
-                                         "AND sync_claim IS NULL")
-                except sqlite3.Error as exc:
-                    log.warning("could not make pending rows due at once (%s); they follow their backoff", exc)
-                self.nudge()
-                return
-        finally:
-            with self._lock:
-                self._probe = None
-            if self.breaker.is_open and not self._stopping.is_set():
-                self._start_probe()  # a failure raced with the exit of this loop
+            self._conn().execute("UPDATE signals SET sync_next_at = NULL WHERE sync_status = 'pending' "
+                                 "AND sync_claim IS NULL")
+        except sqlite3.Error as exc:
+            log.warning("could not make pending rows due at once (%s); they follow their backoff", exc)
+        self.nudge()
 
     # -- offline transitions, waiting, stop ------------------------------------------------------
     def settle_offline(self) -> int:

@@ -1,6 +1,7 @@
 """The contract module: one table of refusals behind both the per-row check and the SQL pass,
 answers that never raise, the key's header rules, redaction, and the breaker's schedule."""
 import sqlite3
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -8,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from argo_signals import store
 from argo_signals.alpine import (REFUSALS, Kind, check_api_key, classify, parse_retry_after, refusal,
                                  refusal_sql, register_sql_functions)
-from argo_signals.breaker import Breaker
+from argo_signals.breaker import Breaker, Prober
 from argo_signals.delivery import Redactor, safe_url
 
 texts = st.one_of(st.none(), st.text(max_size=30), st.sampled_from(["ß" * 10, "ß" * 11, " ﬃ ", "\u2003x\u2003"]))
@@ -113,3 +114,21 @@ def test_breaker_opens_after_the_threshold_and_probes_on_a_capped_exponential_sc
     now[0] += 12.0
     assert b.open_for() == 12.0
     assert b.success() and not b.is_open and not b.success()
+
+
+def test_one_probe_per_outage_until_an_answer():
+    import threading
+    b = Breaker(threshold=1, probe_base=0.01, probe_max=0.02)
+    answers = iter(["refused", "refused", None])
+    opened, answered, stopping = [], [], threading.Event()
+    p = Prober(b, lambda: next(answers), stopping, opened.append, answered.append)
+    assert b.failure("refused")
+    for _ in range(3):
+        p.ensure()                     # idempotent while probing
+    deadline = time.monotonic() + 5
+    while not answered and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert opened == ["refused"] and len(answered) == 1 and not b.is_open
+    p.ensure()                         # closed: nothing to probe
+    time.sleep(0.05)
+    assert opened == ["refused"]
