@@ -19,6 +19,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 import click
 
 from . import spill
+from .config import env_flag
+from .outcomes import read_last_error
 from .signal import FIELDS, HASH_FIELDS, RESERVED_COLUMNS, SignalValidationError, alpine_hash, normalise, recheck
 from .sink import UNSAVED_PREFIX
 from .stats import percentile
@@ -121,18 +123,20 @@ def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opti
     shares = [count // producers + (1 if k < count % producers else 0) for k in range(producers)]
     done = [0]
     closed = {"win": 0, "loss": 0}
-    before = sync_state(db_path)
+    run_ids: List[str] = []
 
     def produce(k: int, n: int) -> None:
         gen = signals(seed=k)
         mine: List[float] = []
         pick = outcome_picker(seed=k)
         mine_closed = {"win": 0, "loss": 0}
+        ids: List[str] = []
         gap = 1.0 / rate if rate > 0 else 0.0
         for _ in range(n):
             sig = next(gen)
             t0 = time.perf_counter()
             sid = tracker.log_signal(sig)
+            ids.append(sid)
             mine.append((time.perf_counter() - t0) * 1e6)
             fields = pick(sig)
             if fields is not None:  # the same queue: the update lands after its insert
@@ -146,6 +150,7 @@ def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opti
             call_us.extend(mine)
             for key, n_closed in mine_closed.items():
                 closed[key] += n_closed
+            run_ids.extend(ids)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=produce, args=(k, n), daemon=True) for k, n in enumerate(shares)]
@@ -161,11 +166,11 @@ def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opti
     flushed = tracker.flush(60)
     elapsed = time.perf_counter() - start
     if tracker.sync_enabled:
-        tracker.wait_synced(60)
+        _wait_synced_with_bar(tracker, db_path, run_ids, quiet)
     tracker.close(30)
     st = tracker.stats()
     call_us.sort()
-    after = sync_state(db_path)
+    mine_sync = _run_sync_counts(db_path, run_ids)
     summary: Dict[str, Any] = {
         "database": db_path,
         "logged": st["logged"], "persisted": st["persisted"], "rejected": st["rejected"],
@@ -175,21 +180,18 @@ def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opti
         "time_to_durable_ms": st["latency_ms"],
         "flushes": st["flushes"],
         "closed": {"wins": closed["win"], "losses": closed["loss"]},
-        "sync": {"enabled": st["sync_enabled"],
-                 "synced": after["synced"] - before["synced"], "pending": after["sync_pending"],
-                 "rejected": after["sync_rejected"], "skipped": after["sync_skipped"],
-                 "failed": after["sync_failed"]},
+        "sync": {"enabled": st["sync_enabled"], **mine_sync},   # this run's signals only
     }
+    sync_text = ("off (no --alpine-url / ALPINE_API_URL); rows stay pending" if not st["sync_enabled"] else
+                 f"{mine_sync['synced']} synced, {mine_sync['pending']} pending, {mine_sync['skipped']} skipped, "
+                 f"{mine_sync['rejected']} rejected, {mine_sync['failed']} failed (this run's signals)")
     text = (f"{summary['persisted']} of {summary['logged']} signals persisted to {db_path} "
             f"in {elapsed:.2f}s ({summary['rows_per_s']} rows/s)\n"
             f"  rejected: {summary['rejected']}   fallback writes: {summary['fallback_writes']}\n"
             f"  log_signal(): p50 {summary['log_signal_us']['p50']} us, p99 {summary['log_signal_us']['p99']} us\n"
             f"  time to durable: p50 {st['latency_ms']['p50']} ms, p99 {st['latency_ms']['p99']} ms\n"
             f"  flushes: {', '.join(f'{k} {v}' for k, v in st['flushes'].items())}\n"
-            f"  sync: " + ("off (no --alpine-url / ALPINE_API_URL); rows stay pending"
-                           if not st["sync_enabled"] else
-                           f"{summary['sync']['synced']} synced, {after['sync_pending']} pending, "
-                           f"{after['sync_skipped']} skipped, {after['sync_rejected']} rejected")
+            f"  sync: " + sync_text
             + f"\n  closed with an outcome: {closed['win']} wins, {closed['loss']} losses (update_signal)"
             + f"\nsee it all on one page: argo-signals report --db {db_path} --open" + _report_extra_hint())
     _emit(summary, as_json, text)
@@ -201,6 +203,49 @@ def _report_extra_hint() -> str:
     from .report_html import EXTRA_HINT, charts_available
 
     return "" if charts_available() else f" (first: {EXTRA_HINT})"
+
+
+_SYNC_STATES = ("synced", "pending", "skipped", "rejected", "failed")
+
+
+def _run_sync_counts(db_path: str, ids: List[str]) -> Dict[str, int]:
+    """Counts by sync status of the rows with these signal ids."""
+    out = dict.fromkeys(_SYNC_STATES, 0)
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error:
+        return out
+    try:
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            for status, n in conn.execute(
+                    f"SELECT sync_status, count(*) FROM signals WHERE signal_id IN ({', '.join('?' * len(chunk))}) "
+                    "GROUP BY sync_status", chunk):
+                out[status] = out.get(status, 0) + n
+    except sqlite3.Error:
+        pass
+    finally:
+        conn.close()
+    return out
+
+
+def _wait_synced_with_bar(tracker: SignalTracker, db_path: str, ids: List[str], quiet: bool,
+                          patience: float = 5.0) -> None:
+    """The demo's sync phase: a bar over this run's signals until none is pending, or until
+    nothing has moved for ``patience`` seconds."""
+    last_move = time.monotonic()
+    with _progress(len(ids), "syncing", quiet) as bar:
+        shown = 0
+        while True:
+            counts = _run_sync_counts(db_path, ids)
+            settled = len(ids) - counts["pending"]
+            if settled > shown:
+                bar.update(settled - shown)
+                shown = settled
+                last_move = time.monotonic()
+            if counts["pending"] == 0 or time.monotonic() - last_move > patience:
+                return
+            tracker.wait_synced(0.1)
 
 
 def _r(v: Optional[float]) -> Optional[float]:
@@ -393,6 +438,7 @@ def status(db_path: str, as_json: bool) -> None:
         last = conn.execute("SELECT timestamp, created_at FROM signals ORDER BY id DESC LIMIT 1").fetchone()
         journal = conn.execute("PRAGMA journal_mode").fetchone()[0]
         rejected = conn.execute("SELECT count(*) FROM rejected_signals").fetchone()[0]
+        last_error = read_last_error(conn)
     finally:
         conn.close()
     st = sync_state(db_path)
@@ -406,14 +452,16 @@ def status(db_path: str, as_json: bool) -> None:
             "last_written": last["created_at"] if last else None,
             "refused_rows": rejected,
             "spill_pending": spill.pending_count(spill.spill_path(db_path)),
-            "size_bytes": size, "journal_mode": journal, "sync_lag_s": st["sync_lag_s"]}
+            "size_bytes": size, "journal_mode": journal, "sync_lag_s": st["sync_lag_s"],
+            "last_sync_error": last_error}
     by = data["by_sync_status"]
     text = (f"{db_path}: {total} signals ({size / 1024:.0f} KiB, journal {journal})\n"
             f"  sync: {by['pending']} pending, {by['synced']} synced, {by['skipped']} skipped, "
             f"{by['rejected']} rejected, {by['failed']} failed; "
             f"lag {'-' if st['sync_lag_s'] is None else str(st['sync_lag_s']) + ' s'}\n"
             f"  oldest {data['oldest_signal']}, newest {data['newest_signal']}\n"
-            f"  refused rows (rejected_signals): {rejected}; spill file lines: {data['spill_pending']}")
+            f"  refused rows (rejected_signals): {rejected}; spill file lines: {data['spill_pending']}\n"
+            f"  last sync error: " + (f"{last_error['error']} (at {last_error['at']})" if last_error else "none"))
     _emit(data, as_json, text)
 
 
@@ -579,47 +627,66 @@ def report(db_path: str, out_path: str, since: Optional[str], strategy: Optional
 @click.option("--retry-rejected", is_flag=True, help="Put rejected rows back to pending first.")
 @click.option("--retry-failed", is_flag=True, help="Put failed rows back to pending first.")
 @click.option("--limit", type=int, default=None, help="Take at most this many rows.")
-@click.option("--timeout", type=float, default=600.0, show_default=True, help="Give up after this many seconds.")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Give up when nothing has got through for this many seconds.")
 @json_option
 @quiet_option
 def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_failed: bool,
          limit: Optional[int], timeout: float, as_json: bool, quiet: bool) -> None:
-    """Push pending rows to Alpine now, due or not; exit 0 only if every row taken settled."""
+    """Push pending rows to Alpine now, due or not; exit 0 only if every row taken settled.
+
+    Exit 1: some rows were rejected or not synced yet, or the receiver is misconfigured (a
+    redirect, a refused key); exit 3: the receiver was unreachable for --timeout seconds.
+    """
     from . import store
+    from .drain import End, drain
     from .sync import Syncer, SyncConfig
 
     _open_existing(db_path).close()
     url = alpine_url or os.environ.get("ALPINE_API_URL")
     if not url:
         raise click.ClickException("no Alpine URL: pass --alpine-url or set ALPINE_API_URL")
-    if alpine_url is None and os.environ.get("ALPINE_SYNC_ENABLED", "").strip().lower() in ("0", "false", "no", "off"):
+    if alpine_url is None and env_flag("ALPINE_SYNC_ENABLED") is False:
         raise click.ClickException("sync is disabled by ALPINE_SYNC_ENABLED=false (pass --alpine-url to override)")
+    try:
+        config = SyncConfig(url, os.environ.get("ARGO_API_KEY"))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     conn = store.connect(db_path)
     try:
         reset = store.reset_status(conn, [s for s, on in (("rejected", retry_rejected), ("failed", retry_failed)) if on])
     finally:
         conn.close()
-    try:
-        syncer = Syncer(db_path, SyncConfig(url, os.environ.get("ARGO_API_KEY")))
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    syncer = Syncer(db_path, config)
     todo = sync_state(db_path)["sync_pending"]
     if limit is not None:
         todo = min(todo, limit)
     with _progress(todo, "syncing", quiet) as bar:
-        outcomes = syncer.drain(limit=limit, timeout=timeout, progress=bar.update)
+        report = drain(syncer, limit=limit, patience=timeout, progress=bar.update)
     syncer.stop(5.0)
+    outcomes = report.outcomes
     st = sync_state(db_path)
-    taken = sum(outcomes.values())
-    unsettled = outcomes["rejected"] + outcomes["auth"] + outcomes["transient"]
+    taken = sum(outcomes[k] for k in ("synced", "skipped", "rejected", "transient"))
+    unsettled = outcomes["rejected"] > 0 or outcomes["transient"] > 0 or report.end is not End.DONE
     data = {"taken": taken, "synced": outcomes["synced"], "skipped": outcomes["skipped"],
-            "rejected": outcomes["rejected"], "not_synced_yet": outcomes["transient"] + outcomes["auth"],
+            "rejected": outcomes["rejected"], "not_synced_yet": outcomes["transient"],
             "reset_to_pending": reset, "still_pending": st["sync_pending"], "failed": st["sync_failed"],
-            "last_error": syncer.last_error}
-    _emit(data, as_json, f"took {taken}: {data['synced']} synced, {data['skipped']} skipped, "
-                         f"{data['rejected']} rejected, {data['not_synced_yet']} not synced yet; "
-                         f"{st['sync_pending']} pending in all"
-                         + (f"\n  last error: {syncer.last_error}" if unsettled and syncer.last_error else ""))
+            "end": report.end.value, "last_error": syncer.last_error}
+    text = (f"took {taken}: {data['synced']} synced, {data['skipped']} skipped, "
+            f"{data['rejected']} rejected, {data['not_synced_yet']} not synced yet; "
+            f"{st['sync_pending']} pending in all")
+    if report.end is End.UNREACHABLE:
+        text += (f"\ngave up: Alpine unreachable at {config.public_url} for {report.waited:.0f} s "
+                 f"({report.detail}); {st['sync_pending']} rows stay pending")
+    elif report.end is End.STALLED:
+        text += f"\ngave up: nothing got through for {report.waited:.0f} s; {st['sync_pending']} rows stay pending"
+    elif report.end is End.CONFIGURATION:
+        text += f"\nstopped: {report.detail}; {st['sync_pending']} rows stay pending"
+    elif unsettled and syncer.last_error:
+        text += f"\n  last error: {syncer.last_error}"
+    _emit(data, as_json, text)
+    if report.end in (End.UNREACHABLE, End.STALLED):
+        sys.exit(3)
     if unsettled:
         sys.exit(1)
 

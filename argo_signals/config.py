@@ -9,6 +9,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Tuple
 
+from .alpine import check_api_key
+
 __all__ = ["Config", "DEFAULT_DB", "default_db_path", "env_flag"]
 
 DEFAULT_DB = "argo_signals.db"
@@ -63,6 +65,7 @@ class Config:
             raise ValueError("durability must be 'normal' or 'full'")
         if self.queue_full_timeout < 0 or self.write_retry_budget < 0 or self.atexit_timeout < 0:
             raise ValueError("timeouts and budgets must be >= 0")
+        check_api_key(self.api_key)   # ValueError (never repeating the key) if no header can carry it
         if not self.spill_path:
             object.__setattr__(self, "spill_path", f"{self.db_path}.spill.jsonl")
         object.__setattr__(self, "max_batch", max(self.max_batch, self.batch_size))

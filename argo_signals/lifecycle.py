@@ -1,10 +1,10 @@
 """The one owner of process events: interpreter exit, fork, SIGTERM/SIGINT.
 
-Trackers register callbacks here.  The engine and the sync are handed the
+Trackers and syncs register callbacks here (``watch``).  The engine and the sync are handed the
 ``EXITING`` event; neither imports the other.
 
 - Before the interpreter joins non-daemon threads (``threading`` exit hook): ``EXITING`` is
-  set and each tracker stops its sync within its budget, so executor threads never hang exit.
+  set and each sync stops within its budget, so executor threads never hang exit.
 - At exit (``atexit``): each tracker still open closes, bounded by its ``atexit_timeout``.
 - In a forked child: each tracker starts empty (``os.register_at_fork``).
 - On SIGTERM/SIGINT (when asked): the handler never writes.  It turns the signal into an

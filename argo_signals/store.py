@@ -306,28 +306,18 @@ def release(conn: sqlite3.Connection, row_id: int, token: str, error: Optional[s
     return status
 
 
-# What the receiver refuses for good, as SQL over pending unclaimed rows (see sync.precheck).
-_OFFLINE_RULES = (
-    ("skipped", "NEUTRAL signals are not synced", "action = 'NEUTRAL'"),
-    ("rejected", "action is not BUY or SELL", "action NOT IN ('BUY', 'SELL')"),
-    ("rejected", "symbol empty or longer than 20 characters (receiver refuses it)",
-     "length(trim(symbol)) = 0 OR length(trim(symbol)) > 20"),
-    ("rejected", "a price must be > 0 (receiver refuses it)",
-     "entry_price <= 0 OR target_price <= 0 OR stop_price <= 0"),
-    ("rejected", "confidence outside 0-100 (receiver refuses it)", "confidence < 0 OR confidence > 100"),
-    ("rejected", "reasoning shorter than 20 characters (receiver refuses it)",
-     "length(trim(reasoning)) BETWEEN 1 AND 19"),
-)
+def settle_refused(conn: sqlite3.Connection, rules: Sequence[Tuple[str, str, str, Sequence[Any]]]) -> int:
+    """Apply the transitions that need no network to pending, unclaimed rows; returns how many.
 
-
-def settle_refused(conn: sqlite3.Connection) -> int:
-    """Apply the transitions that need no network to pending, unclaimed rows; returns how many."""
+    ``rules`` are ``(status, reason, SQL condition, parameters)`` in order (the first that
+    matches a row wins); they come from ``alpine.refusal_sql()``.
+    """
     total = 0
     with _immediate(conn):
-        for status, reason, cond in _OFFLINE_RULES:
+        for status, reason, cond, params in rules:
             cur = conn.execute(
                 f"UPDATE signals SET sync_status = ?, sync_error = ? WHERE sync_status = 'pending' "
-                f"AND sync_claim IS NULL AND ({cond})", (status, reason))
+                f"AND sync_claim IS NULL AND ({cond})", (status, reason, *params))
             total += cur.rowcount
     return total
 

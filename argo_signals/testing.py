@@ -1,9 +1,11 @@
 """A loopback receiver that behaves like the Alpine ingest endpoint, for tests and the benchmark.
 
 It checks the API key, decodes and validates the body, detects duplicates by hash before
-verifying the hash, applies the receiver's storage checks, and stores in memory.  Faults can be
-injected: queued answers (e.g. 500s, 429 with Retry-After, 401), a delay before answering, and
-going down (connections refused until ``start()`` again).
+verifying the hash, applies the receiver's storage checks (from ``alpine.REFUSALS``, symbol
+length after upper-casing), and stores in memory.  Faults can be injected: queued answers
+(e.g. 500s, 429 with Retry-After, 401, raw unparseable bodies), redirects (``redirect()``), a
+receiver that echoes the key it was sent in its error answers (``echo_key = True``), a delay
+before answering, and going down (connections refused until ``start()`` again).
 
     >>> from argo_signals.testing import AlpineServer
     >>> server = AlpineServer(api_key="k").start()
@@ -25,25 +27,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from .sync import HEALTH_PATH, SIGNAL_PATH
+from .alpine import HEALTH_PATH, SIGNAL_PATH, hash_fields, refusal
 
 __all__ = ["AlpineServer", "receiver_hash", "free_port", "SIGNAL_PATH", "HEALTH_PATH"]
 
 
 def receiver_hash(body: Dict[str, Any]) -> str:
     """The hash as the receiver recomputes it from a parsed request body."""
-    target = body.get("target_price") if body.get("target_price") is not None else body.get("take_profit")
-    stop = body.get("stop_price") if body.get("stop_price") is not None else body.get("stop_loss")
-    fields = {
-        "signal_id": body["signal_id"], "symbol": body["symbol"], "action": body["action"].upper(),
-        "entry_price": float(body["entry_price"]),
-        "target_price": float(target) if target is not None else None,
-        "stop_price": float(stop) if stop is not None else None,
-        "confidence": float(body["confidence"]),
-        "strategy": body["strategy"] if "strategy" in body else "weighted_consensus_v6",
-        "timestamp": body["timestamp"],
-    }
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    return hashlib.sha256(json.dumps(hash_fields(body), sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def storage_refuses(body: Dict[str, Any]) -> bool:
+    """The receiver's checks after the hash (its storage model), answered with a 500."""
+    stored = {**body, "symbol": str(body["symbol"]),
+              "target_price": body.get("target_price") or body.get("take_profit"),   # the receiver uses `or`
+              "stop_price": body.get("stop_price") or body.get("stop_loss")}
+    for k in ("entry_price", "target_price", "stop_price"):
+        if stored[k] is not None:
+            stored[k] = float(stored[k])
+    return refusal(stored) is not None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -54,7 +56,11 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _answer(self, status: int, body: Any, headers: Optional[Dict[str, str]] = None) -> None:
-        data = json.dumps(body).encode()
+        srv: AlpineServer = self.server.alpine  # type: ignore[attr-defined]
+        if srv.echo_key and status >= 300 and isinstance(body, dict):
+            # a hostile or careless receiver: repeat the key it was sent in its error answer
+            body = {**body, "detail": f"{body.get('detail')} (X-API-Key: {self.headers.get('X-API-Key')})"}
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -64,8 +70,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
+        srv: AlpineServer = self.server.alpine  # type: ignore[attr-defined]
         if self.path == HEALTH_PATH:
+            srv.health_checks += 1
             return self._answer(200, {"status": "healthy"})
+        srv.record_request(self.headers, b"", "GET")
         self._answer(404, {"detail": "Not Found"})
 
     def do_POST(self) -> None:
@@ -74,7 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         if self.path != SIGNAL_PATH:
             return self._answer(404, {"detail": "Not Found"})
-        srv.record_request(self.headers, raw)
+        srv.record_request(self.headers, raw, "POST")
         if srv.delay:
             time.sleep(srv.delay)
         fault = srv.next_fault()
@@ -115,11 +124,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._answer(201, {"status": "duplicate", "signal_id": srv.stored[sent]["id"]})
         if receiver_hash(body) != sent:
             return self._answer(400, {"detail": "Signal hash verification failed"})
-        symbol = str(body["symbol"]).strip()
-        reasoning = body.get("reasoning")
-        bad = (not symbol or len(symbol) > 20 or float(body["entry_price"]) <= 0
-               or any(body.get(f) is not None and float(body[f]) <= 0 for f in ("target_price", "stop_price"))
-               or (reasoning and len(reasoning.strip()) < 20))
+        bad = storage_refuses(body)
         if bad:
             return self._answer(500, {"detail": "Failed to store signal: check constraint"})
         with srv.lock:
@@ -141,6 +146,8 @@ class AlpineServer:
         self.duplicates = 0
         self.faults: List[Tuple[int, Any, Dict[str, str]]] = []
         self.delay = 0.0
+        self.echo_key = False
+        self.health_checks = 0
         self.port = port
         self._httpd: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
@@ -171,13 +178,17 @@ class AlpineServer:
             self._httpd.server_close()
             self._httpd = None
 
-    def record_request(self, headers: Any, raw: bytes) -> None:
+    def record_request(self, headers: Any, raw: bytes, method: str = "POST") -> None:
         with self.lock:
-            self.requests.append({"time": time.monotonic(), "headers": dict(headers), "raw": raw})
+            self.requests.append({"time": time.monotonic(), "headers": dict(headers), "raw": raw,
+                                  "method": method})
 
     def fail(self, status: int, times: int = 1, body: Any = None,
              headers: Optional[Dict[str, str]] = None) -> None:
-        """Answer the next ``times`` requests with ``status`` (before any check)."""
+        """Answer the next ``times`` requests with ``status`` (before any check).
+
+        ``body`` is sent as JSON, or as is when it is ``bytes`` (e.g. an unparseable answer).
+        """
         with self.lock:
             for _ in range(times):
                 self.faults.append((status, body or {"detail": f"injected {status}"}, headers or {}))
@@ -185,6 +196,10 @@ class AlpineServer:
     def next_fault(self) -> Optional[Tuple[int, Any, Dict[str, str]]]:
         with self.lock:
             return self.faults.pop(0) if self.faults else None
+
+    def redirect(self, location: str, status: int = 307, times: int = 1) -> None:
+        """Answer the next ``times`` requests with a redirect to ``location``."""
+        self.fail(status, times, body={"detail": "moved"}, headers={"Location": location})
 
     def stored_ids(self) -> List[str]:
         with self.lock:

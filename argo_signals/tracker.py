@@ -61,14 +61,13 @@ class SignalTracker:
         self._put = self._engine.put
         self._parts = _Parts(config, self._stats, self._engine, self._syncer)
         self._watch: Optional[int] = lifecycle.watch(
-            self._parts.close_at_exit if config.register_atexit else None,
-            self._parts.stop_sync_at_exit, self._parts.after_fork)
+            self._parts.close_at_exit if config.register_atexit else None, None, self._parts.after_fork)
         if config.handle_signals:
             self.install_signal_handlers()
         self._engine.start()
 
     def __repr__(self) -> str:
-        sync = self._syncer.config.alpine_url if self._syncer else None
+        sync = self._syncer.config.public_url if self._syncer else None
         return f"SignalTracker({self.db_path!r}, {self._engine.state.value}, alpine_url={sync!r})"
 
     # -- logging -------------------------------------------------------------------------
@@ -195,10 +194,6 @@ class _Parts:
     def close_at_exit(self) -> None:
         if self.pid == os.getpid():
             self.close(self.config.atexit_timeout)
-
-    def stop_sync_at_exit(self) -> None:
-        if self.syncer is not None and self.pid == os.getpid():
-            self.syncer.stop(self.syncer.config.shutdown_timeout)
 
     def after_fork(self) -> None:
         """In a forked child: start empty, writing synchronously, with a fresh connection."""

@@ -159,7 +159,9 @@ def test_settle_refused_applies_the_offline_rules(conn):
     store.write_batch(conn, [finished({**GOOD, "signal_id": "n", "action": "NEUTRAL"}),
                              finished({**GOOD, "signal_id": "r", "reasoning": "too short"}),
                              finished({**GOOD, "signal_id": "ok"})])
-    assert store.settle_refused(conn) == 2
+    from argo_signals.alpine import refusal_sql, register_sql_functions
+    register_sql_functions(conn)
+    assert store.settle_refused(conn, refusal_sql()) == 2
     got = dict(conn.execute("SELECT signal_id, sync_status FROM signals"))
     assert got == {"n": "skipped", "r": "rejected", "ok": "pending"}
 

@@ -1,0 +1,120 @@
+"""A circuit breaker for an unreachable receiver, and the probe that closes it.
+
+After ``threshold`` consecutive connection failures or timeouts it opens: the sync stops
+sending rows and a single probe asks the receiver on an exponential schedule (``probe_base``
+doubling up to ``probe_max``).  Any HTTP answer closes it again.  Thread-safe; the clock is
+injectable for tests.
+"""
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from typing import Callable, Optional
+
+__all__ = ["State", "Breaker", "Prober"]
+
+
+class State(str, enum.Enum):
+    CLOSED = "closed"   # sending normally
+    OPEN = "open"       # unreachable: only the probe asks
+
+
+class Breaker:
+    def __init__(self, threshold: int = 3, probe_base: float = 0.25, probe_max: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = max(1, threshold)
+        self.probe_base = probe_base
+        self.probe_max = probe_max
+        self.clock = clock
+        self._lock = threading.Lock()
+        self.state = State.CLOSED
+        self.failures = 0               # consecutive, while closed
+        self.opened_at: Optional[float] = None
+        self.reason = ""
+        self._probes = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is State.OPEN
+
+    def failure(self, reason: str) -> bool:
+        """Record a connection failure or timeout; True if this one opened the breaker."""
+        with self._lock:
+            self.reason = reason
+            if self.state is State.OPEN:
+                return False
+            self.failures += 1
+            if self.failures < self.threshold:
+                return False
+            self.state = State.OPEN
+            self.opened_at = self.clock()
+            self._probes = 0
+            return True
+
+    def success(self) -> bool:
+        """Record an answer (any HTTP status); True if this one closed the breaker."""
+        with self._lock:
+            self.failures = 0
+            if self.state is State.CLOSED:
+                return False
+            self.state = State.CLOSED
+            self.opened_at = None
+            return True
+
+    def next_probe_delay(self) -> float:
+        """Seconds until the next probe: base, 2*base, 4*base... capped at ``probe_max``."""
+        with self._lock:
+            n = self._probes
+            self._probes += 1
+        return min(self.probe_max, self.probe_base * (2 ** min(n, 30)))
+
+    def open_for(self) -> float:
+        """Seconds the breaker has been open (0 when closed)."""
+        opened = self.opened_at
+        return 0.0 if opened is None else max(0.0, self.clock() - opened)
+
+
+class Prober:
+    """While the breaker is open, one daemon thread asks the receiver on the breaker's schedule.
+
+    ``ask()`` returns None when the receiver answered, else why not.  ``on_open(reason)`` runs
+    once per outage when the probing starts; ``on_answer(seconds_down)`` once when it ends.
+    """
+
+    def __init__(self, breaker: Breaker, ask: Callable[[], Optional[str]], stopping: threading.Event,
+                 on_open: Callable[[str], None], on_answer: Callable[[float], None]) -> None:
+        self.breaker = breaker
+        self.ask = ask
+        self.stopping = stopping
+        self.on_open = on_open
+        self.on_answer = on_answer
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    def ensure(self) -> None:
+        """Start probing unless a probe is running already (or the sync stops)."""
+        with self._lock:
+            if self._thread is not None or self.stopping.is_set() or not self.breaker.is_open:
+                return
+            self._thread = threading.Thread(target=self._loop, name="argo-signals-probe", daemon=True)
+        self.on_open(self.breaker.reason)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        started = self.breaker.clock()
+        try:
+            while not self.stopping.wait(self.breaker.next_probe_delay()):
+                if self.breaker.is_open:  # (a delivery may have got an answer meanwhile)
+                    why = self.ask()
+                    if why is not None:
+                        self.breaker.reason = why
+                        continue
+                    self.breaker.success()
+                self.on_answer(self.breaker.clock() - started)
+                return
+        finally:
+            with self._lock:
+                self._thread = None
+            if self.breaker.is_open and not self.stopping.is_set():
+                self.ensure()  # a new outage began while this probe was ending

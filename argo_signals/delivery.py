@@ -1,0 +1,245 @@
+"""Delivery: one row's body to Alpine over HTTP, with bounded retries; and the health probe.
+
+Each worker thread has its own ``requests.Session``.  The request is prepared once per
+thread from the session (headers, proxies, TLS settings resolved once) and each body is sent
+through the session's adapter on a copy of it: no redirect is ever followed, no cookie jar
+or hook runs per row.  Every text that leaves this module is redacted of the API key.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from tenacity import (Retrying, retry_if_result, stop_after_attempt, stop_before_delay,
+                      wait_exponential, wait_random)
+
+from .alpine import HEALTH_PATH, SIGNAL_PATH, Answer, Kind, classify
+from .breaker import Breaker
+
+__all__ = ["Redactor", "safe_url", "Delivery"]
+
+
+class Redactor:
+    """Replaces every occurrence of the secrets (raw, JSON-escaped, percent-encoded) with ``***``."""
+
+    def __init__(self, secrets: Iterable[Optional[str]]) -> None:
+        forms: Set[str] = set()
+        for s in secrets:
+            if s:
+                forms.update((s, json.dumps(s)[1:-1], quote(s, safe=""), quote(s)))
+        self._forms = sorted((f for f in forms if f), key=len, reverse=True)
+
+    def __call__(self, text: Optional[str]) -> str:
+        text = "" if text is None else str(text)
+        for f in self._forms:
+            if f in text:
+                text = text.replace(f, "***")
+        return text
+
+
+def safe_url(url: str) -> str:
+    """``url`` without credentials: ``http://user:pw@host/`` becomes ``http://***@host/``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparseable URL)"
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
+
+
+class _AbortableAdapter(HTTPAdapter):
+    """Records every socket it opens so a stop can shut them down mid-read."""
+
+    def __init__(self, sockets: "weakref.WeakSet[socket.socket]") -> None:
+        self._sockets = sockets
+        super().__init__(max_retries=0, pool_connections=1, pool_maxsize=2)
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **kw: Any) -> None:
+        super().init_poolmanager(connections, maxsize, block, **kw)
+        sockets = self._sockets
+
+        def tracked(base: type) -> type:
+            class Conn(base):  # type: ignore[misc,valid-type]
+                def _new_conn(self) -> socket.socket:  # noqa: D401
+                    sock = super()._new_conn()
+                    sockets.add(sock)
+                    return sock
+            return Conn
+
+        class Pool(urllib3.HTTPConnectionPool):
+            ConnectionCls = tracked(urllib3.connection.HTTPConnection)
+
+        class SPool(urllib3.HTTPSConnectionPool):
+            ConnectionCls = tracked(urllib3.connection.HTTPSConnection)
+
+        self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": SPool}
+
+
+@dataclass
+class _ThreadState:
+    session: requests.Session
+    adapter: HTTPAdapter
+    post: requests.PreparedRequest      # the signal request, body left out
+    health: requests.PreparedRequest
+    send_kw: Dict[str, Any]
+
+
+class Delivery:
+    def __init__(self, config: Any, breaker: Breaker, stopping: threading.Event, redact: Redactor) -> None:
+        self.config = config
+        self.breaker = breaker
+        self.stopping = stopping
+        self.redact = redact
+        self.retries = 0
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._sessions: List[requests.Session] = []
+        self._sockets: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+
+    # -- per-thread session and prepared requests --------------------------------------------
+    def _state(self) -> _ThreadState:
+        st: Optional[_ThreadState] = getattr(self._local, "state", None)
+        if st is not None:
+            return st
+        cfg = self.config
+        s = requests.Session()
+        # resolve proxy and CA settings from the environment once, not on every request
+        env = s.merge_environment_settings(cfg.alpine_url, {}, None, None, None)
+        s.trust_env = False
+        s.max_redirects = 0
+        adapter = _AbortableAdapter(self._sockets)
+        s.mount("http://", adapter)
+        s.mount("https://", adapter)
+        s.headers.update({"Content-Type": "application/json", "User-Agent": "argo-signals"})
+        if cfg.api_key:
+            s.headers["X-API-Key"] = cfg.api_key
+        post = s.prepare_request(requests.Request("POST", cfg.alpine_url + SIGNAL_PATH, data=b"{}"))
+        health = s.prepare_request(requests.Request("GET", cfg.alpine_url + HEALTH_PATH))
+        send_kw = {"stream": False, "timeout": cfg.timeout, "cert": None,
+                   "verify": env.get("verify", True) if cfg.alpine_url.startswith("https://") else True,
+                   "proxies": dict(env.get("proxies") or {})}
+        st = self._local.state = _ThreadState(s, adapter, post, health, send_kw)
+        with self._lock:
+            self._sessions.append(s)
+        return st
+
+    def _exchange(self, req: requests.PreparedRequest, st: _ThreadState) -> Answer:
+        """One request through the adapter (never follows a redirect); never raises."""
+        try:
+            resp = st.adapter.send(req, **st.send_kw)
+            try:
+                content = resp.content
+            finally:
+                resp.close()
+            answer = classify(resp.status_code, resp.headers, content, resp.reason or "")
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            answer = Answer(Kind.UNREACHABLE, type(exc).__name__ + _cause(exc))
+        except Exception as exc:  # anything else we could not read is an attempt that counts
+            answer = Answer(Kind.TRANSIENT, f"unusable answer ({type(exc).__name__})")
+        else:
+            self.breaker.success()
+        if answer.kind is Kind.UNREACHABLE:
+            self.breaker.failure(answer.detail)
+        answer.detail = self.redact(answer.detail)
+        return answer
+
+    def post(self, body: bytes) -> Answer:
+        """Post one body once."""
+        if self.breaker.is_open:
+            return Answer(Kind.UNREACHABLE, self.breaker.reason)
+        st = self._state()
+        req = st.post.copy()
+        req.body = body
+        req.headers["Content-Length"] = str(len(body))
+        return self._exchange(req, st)
+
+    def probe(self) -> Optional[str]:
+        """Ask the health endpoint once: None if the receiver answered (any status), else why not."""
+        st = self._state()
+        try:
+            resp = st.adapter.send(st.health.copy(), **st.send_kw)
+            resp.close()
+            return None
+        except Exception as exc:
+            return self.redact(type(exc).__name__ + _cause(exc))
+
+    # -- one row, with retries -------------------------------------------------------------------
+    def _again(self, answer: Answer) -> bool:
+        return (answer.kind in (Kind.TRANSIENT, Kind.UNREACHABLE) and not self.stopping.is_set()
+                and not self.breaker.is_open)
+
+    def _wait(self, rs: Any) -> float:
+        backoff = wait_exponential(multiplier=0.2, max=self.config.max_backoff) + wait_random(0, 0.2)
+        delay = float(backoff(rs))
+        ra = rs.outcome.result().retry_after if not rs.outcome.failed else None
+        if ra is not None:
+            delay = max(delay, min(ra, self.config.max_retry_after))
+        return delay
+
+    def _sleep(self, seconds: float) -> None:
+        """tenacity's sleep: ends at once when the sync stops."""
+        self.stopping.wait(seconds)
+
+    def _count_retry(self, rs: Any) -> None:
+        self.retries += 1
+
+    def send(self, body: bytes) -> Answer:
+        """Post with bounded, interruptible retries; returns the last answer (never raises).
+
+        The first request goes straight out; only a transient answer builds the retry loop.
+        """
+        first = self.post(body)
+        if not self._again(first):
+            return first
+        cfg = self.config
+        answers: Iterator[Answer] = iter((first,))
+
+        def attempt() -> Answer:
+            return next(answers, None) or self.post(body)
+
+        retrying = Retrying(
+            retry=retry_if_result(self._again),
+            stop=stop_after_attempt(cfg.requests_per_claim) | stop_before_delay(cfg.retry_budget),
+            wait=self._wait, sleep=self._sleep, before_sleep=self._count_retry,
+            retry_error_callback=_last_result)
+        return retrying(attempt)  # type: ignore[no-any-return]
+
+    # -- stop ------------------------------------------------------------------------------------
+    def abort(self) -> None:
+        """Shut down every socket (a request hanging in a read ends at once)."""
+        for sock in list(self._sockets):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for s in sessions:
+            s.close()
+
+
+def _cause(exc: BaseException) -> str:
+    """A short reason from a requests exception, without URLs (which may carry credentials)."""
+    text = str(exc)
+    for marker in ("Connection refused", "timed out", "Name or service not known", "Connection reset",
+                   "No route to host", "Network is unreachable", "Remote end closed", "certificate"):
+        if marker.lower() in text.lower():
+            return f" ({marker.lower()})"
+    return ""
+
+
+def _last_result(retry_state: Any) -> Answer:
+    """When retries run out, the answer is the last one (never an exception)."""
+    return retry_state.outcome.result()  # type: ignore[no-any-return]

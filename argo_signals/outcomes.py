@@ -1,0 +1,190 @@
+"""Outcomes: what became of each claimed row, written to the database, counted and logged.
+
+Final outcomes (synced, rejected, skipped) are queued and written in batches by whichever
+thread finds the database free; a row given back (transient, unreachable, auth, redirect) is
+released at once.  The last error is kept in memory for ``stats()`` and in the
+``sync_last_error`` table for ``argo-signals status``.  Every text is redacted of the key.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from . import store
+from .alpine import Answer, Kind
+
+__all__ = ["Outcomes", "read_last_error", "LAST_ERROR_TABLE"]
+
+log = logging.getLogger("argo_signals")
+
+LAST_ERROR_TABLE = "sync_last_error"
+_CREATE = (f"CREATE TABLE IF NOT EXISTS {LAST_ERROR_TABLE} "
+           "(id INTEGER PRIMARY KEY CHECK (id = 1), error TEXT NOT NULL, at TEXT NOT NULL)")
+
+
+def read_last_error(conn: sqlite3.Connection) -> Optional[Dict[str, str]]:
+    """{"error", "at"} of the last sync error recorded in this database, or None."""
+    try:
+        rec = conn.execute(f"SELECT error, at FROM {LAST_ERROR_TABLE} WHERE id = 1").fetchone()
+    except sqlite3.Error:  # no such table: no sync error was ever recorded
+        return None
+    return None if rec is None else {"error": rec[0], "at": rec[1]}
+
+
+class Outcomes:
+    def __init__(self, config: Any, token: str, conn: Callable[[], sqlite3.Connection],
+                 redact: Callable[[Optional[str]], str], where: str,
+                 generation: Callable[[], int]) -> None:
+        self.config = config
+        self.generation = generation            # the database file now open (see Syncer)
+        self.token = token
+        self._conn = conn
+        self.redact = redact
+        self.where = where                      # the receiver's URL, without credentials
+        self.counts: Dict[str, int] = {"synced": 0, "rejected": 0, "skipped": 0, "auth": 0,
+                                       "redirect": 0, "transient": 0, "unreachable": 0}
+        self.handled = 0                        # rows done with for now (for progress bars)
+        self.last_error: Optional[str] = None
+        self.config_error: Optional[str] = None  # a 3xx or 401/403 answer, until a row syncs again
+        self._settled: List[Tuple[int, int, str, Optional[str]]] = []  # (generation, id, status, error)
+        self._settle_lock = threading.Lock()   # one writer of outcomes at a time
+        self._queue_lock = threading.Lock()    # guards the list itself (append and swap)
+        self._count_lock = threading.Lock()
+        self._written_at = 0.0
+        self._oldest = 0.0
+        self.batch = 32            # final outcomes written together...
+        self.max_wait = 0.05       # ...or once the oldest has waited this long
+
+    # -- errors ----------------------------------------------------------------------------------
+    def error(self, text: str, persist: bool = True) -> None:
+        """Remember ``text`` as the last error (redacted); also in the database, at most once a
+        second unless ``persist`` is forced by a configuration or outage error."""
+        text = self.redact(text)
+        self.last_error = text
+        now = time.monotonic()
+        if not persist and now - self._written_at < 1.0:
+            return
+        self._written_at = now
+        try:
+            conn = self._conn()
+            conn.execute(_CREATE)
+            conn.execute(f"INSERT OR REPLACE INTO {LAST_ERROR_TABLE} (id, error, at) VALUES (1, ?, ?)",
+                         (text, store.utc_now()))
+        except sqlite3.Error as exc:
+            log.debug("could not record the last sync error: %s", exc)
+
+    def _count(self, kind: str, handled: bool = True) -> None:
+        with self._count_lock:
+            self.counts[kind] += 1
+            if handled:
+                self.handled += 1
+
+    # -- rows ------------------------------------------------------------------------------------
+    def refused(self, generation: int, row: Dict[str, Any], status: str, reason: str) -> None:
+        """A row the receiver would refuse for good: settled without a request."""
+        self._count(status)
+        if status == "rejected":
+            log.warning("signal %s not synced (rejected locally): %s", row["signal_id"], reason)
+        self._settle(generation, row["id"], status, reason)
+
+    def record(self, generation: int, row: Dict[str, Any], answer: Answer, breaker_open: bool,
+               forced: bool) -> None:
+        cfg = self.config
+        rid, sid, kind = row["id"], row["signal_id"], answer.kind
+        detail = self.redact(answer.detail)
+        if kind is Kind.SYNCED:
+            self._count("synced")
+            self._settle(generation, rid, "synced", None)
+            with self._count_lock:
+                was, self.config_error = self.config_error, None
+            if was is not None:
+                log.warning("Alpine at %s accepts the signals again", self.where)
+        elif kind is Kind.REJECTED:
+            self._count("rejected")
+            self._settle(generation, rid, "rejected", detail)
+            log.warning("signal %s rejected by Alpine: %s", sid, detail)
+        elif kind in (Kind.AUTH, Kind.REDIRECT):
+            self._count(kind.value, handled=False)
+            with self._count_lock:  # several workers get the same answer at once: one ERROR
+                first, self.config_error = self.config_error is None, detail
+            if first:
+                if kind is Kind.AUTH:
+                    log.error("Alpine at %s refused the API key (%s); signals stay pending; check ARGO_API_KEY",
+                              self.where, detail)
+                else:
+                    log.error("Alpine at %s answered %s; redirects are not followed (the key must not go "
+                              "elsewhere): set ALPINE_API_URL to the final address; signals stay pending",
+                              self.where, detail)
+            self.error(detail)
+            store.release(self._conn(), rid, self.token, detail, False, time.time() + cfg.auth_pause,
+                          cfg.max_attempts)
+        elif kind is Kind.UNREACHABLE and breaker_open:
+            # the breaker speaks for the outage once; the row goes back untouched, due at once
+            self._count("unreachable", handled=False)
+            store.release(self._conn(), rid, self.token, f"unreachable: {detail}", False,
+                          None if forced else row.get("sync_next_at"), cfg.max_attempts)
+        else:
+            self._count("transient")
+            self.error(f"{sid}: {detail}", persist=False)
+            attempts = (row.get("sync_attempts") or 0) + 1
+            delay = min(cfg.redelivery_max, cfg.redelivery_base * 2 ** max(0, attempts - 1))
+            status = store.release(self._conn(), rid, self.token, detail, True, time.time() + delay,
+                                   cfg.max_attempts)
+            if status == "failed":
+                self.error(f"{sid}: {detail}")
+                log.error("signal %s failed to sync after %d attempts (%s); `argo-signals sync "
+                          "--retry-failed` re-queues it", sid, attempts, detail)
+            else:
+                log.warning("signal %s not synced yet (%s); due again in %.0fs", sid, detail, delay)
+
+    def interrupted(self, row: Dict[str, Any]) -> None:
+        """A row claimed but not sent (stopping): back to pending as it was."""
+        store.release(self._conn(), row["id"], self.token, row.get("sync_error"), False,
+                      row.get("sync_next_at"), self.config.max_attempts)
+
+    # -- batched final outcomes ------------------------------------------------------------------
+    def _settle(self, generation: int, row_id: int, status: str, error: Optional[str]) -> None:
+        """Queue a final outcome; written once a batch has gathered or it has waited a little
+        (and always when the sync goes idle or stops: see ``Syncer``)."""
+        now = time.monotonic()
+        with self._queue_lock:
+            if not self._settled:
+                self._oldest = now
+            self._settled.append((generation, row_id, status, error))
+            due = len(self._settled) >= self.batch or now - self._oldest >= self.max_wait
+        if due:
+            self.flush()
+
+    def flush(self, wait: float = 0.0) -> None:
+        """Write queued final outcomes; whoever finds the writer free writes all that wait.
+
+        With ``wait`` it waits that long for a flush in progress on another thread to end
+        (so that what that thread holds is written when this returns).  Outcomes of rows
+        claimed from a database file that has since been replaced are dropped.
+        """
+        while True:
+            if not (self._settle_lock.acquire(timeout=wait) if wait > 0 else self._settle_lock.acquire(False)):
+                return  # the holder takes what was queued meanwhile on its next round
+            try:
+                with self._queue_lock:
+                    batch, self._settled = self._settled, []
+                if not batch:
+                    return
+                current = self.generation()
+                try:
+                    store.settle_many(self._conn(), self.token, [b[1:] for b in batch if b[0] == current])
+                except Exception as exc:
+                    with self._queue_lock:
+                        self._settled[:0] = batch
+                    self.error(f"could not record sync outcomes: {exc}", persist=False)
+                    log.warning("could not record %d sync outcomes yet: %s", len(batch), exc)
+                    return
+            finally:
+                self._settle_lock.release()
+
+    @property
+    def unwritten(self) -> int:
+        return len(self._settled)
