@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, List, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from .batchqueue import EntryQueue, Sealed
 from .config import Config
@@ -49,7 +49,7 @@ class Sink(Protocol):
               stop_at: Callable[[], float]) -> Outcome: ...
     def replay(self, max_wait: Optional[float] = None) -> bool: ...
     def spill_pending(self) -> bool: ...
-    def salvage(self, entries: Sequence[Entry]) -> Outcome: ...
+    def salvage(self, entries: Sequence[Entry], max_wait: Optional[float] = None) -> Outcome: ...
     def close(self) -> None: ...
     def after_fork(self) -> None: ...
 
@@ -77,7 +77,9 @@ class Engine:
         self._dq = self._q.queue
         self._limit = self.config.max_queue_size   # 0 once sealed
         self._lock = threading.Lock()          # state transitions
-        self._write_lock = threading.Lock()    # whoever runs the sink
+        self._write_lock = threading.Lock()    # whoever runs the sink (see _acquire_write)
+        self._owner: Optional[int] = None      # the thread holding it
+        self._ownerless_since: Optional[float] = None
         self._progress = threading.Condition(threading.Lock())
         self._wake = threading.Event()
         self._state = state
@@ -87,7 +89,6 @@ class Engine:
         self._started_at = 0.0
         self._done = 0                         # entries handled, in queue order
         self._flush_to = 0
-        self._inflight: List[Entry] = []       # the batch being written, for close()'s salvage
         self._armed = False
         self._stop_at = float("inf")           # set by close(): stop retrying, spill by then
         self._causes: set = set()
@@ -125,12 +126,18 @@ class Engine:
         if state is State.DEGRADED and self._restart():
             state = self._state
         if state is State.OPEN:
+            # the main thread does not wait in Queue.put(): a Ctrl-C landing inside the Python
+            # code of its Condition could leave the queue's mutex held
+            main = threading.current_thread() is threading.main_thread()
             try:
-                self._q.put(entry, timeout=self.config.queue_full_timeout)
+                if main and not self._q.offer(entry):
+                    raise queue.Full
+                if not main:
+                    self._q.put(entry, timeout=self.config.queue_full_timeout)
                 self._wake.set()
                 return
             except queue.Full:
-                cause = "queue full"
+                cause = "tracker closed" if self._q.sealed else "queue full"
             except Sealed:
                 cause = "tracker closed"
         elif state is State.DEGRADED:
@@ -158,12 +165,16 @@ class Engine:
             log.exception("synchronous write failed; the entries stay queued")
             self.stats.last_error = "synchronous write failed (see log)"
             return
-        log.error("synchronous write could not finish in time; %d entries stay queued", len(self._dq))
+        if self._state is _OPEN:
+            log.error("synchronous write could not finish in time; %d entries stay queued for the "
+                      "writer thread", len(self._dq))
+        else:   # no thread will try again: the entries leave memory now (spill, else stderr)
+            self._salvage()
 
     # -- running the sink (whoever holds the write lock) ---------------------------------------
     def _run_until(self, target: int, reason: Optional[str], deadline: float) -> bool:
         while self._done < target:
-            if deadline <= time.monotonic() or not self._write_lock.acquire(timeout=_seconds_until(deadline)):
+            if deadline <= time.monotonic() or not self._acquire_write(deadline):
                 return False
             try:
                 n = min(target - self._done, self.config.max_batch)
@@ -172,24 +183,51 @@ class Engine:
                 if not self._dq:
                     break
             finally:
-                self._write_lock.release()
+                self._release_write()
         return True
 
+    def _acquire_write(self, deadline: float) -> bool:
+        """Take the write lock by ``deadline``.
+
+        A Ctrl-C (or SIGTERM's SystemExit) can land between a successful ``acquire()`` and the
+        ``try`` that would release it, leaving the lock held by nobody at work.  Such a lock is
+        taken back: by its own thread when it comes to write again (it holds it already), and
+        by anyone after it has stayed held with no owner for a second."""
+        me = threading.get_ident()
+        if self._owner == me:
+            self._release_write()
+        while True:
+            if self._write_lock.acquire(timeout=min(0.25, _seconds_until(deadline))):
+                self._owner, self._ownerless_since = me, None
+                return True
+            now = time.monotonic()
+            if self._owner is None and self._write_lock.locked():
+                if self._ownerless_since is None:
+                    self._ownerless_since = now
+                elif now - self._ownerless_since > 1.0:
+                    log.error("the write lock was left held by an interrupted write; taking it back")
+                    self._ownerless_since = None
+                    self._write_lock.release()
+            if now >= deadline:
+                return False
+
+    def _release_write(self) -> None:
+        self._owner = None
+        self._write_lock.release()
+
     def _write_batch(self, n: int, reason: Optional[str]) -> bool:
-        batch = self._q.take(n)
+        batch = self._q.peek(n)   # stays queued until written: Ctrl-C or a bug drops nothing
         if not batch:
             return True
-        self._inflight = batch
         try:
             outcome = self.sink.write(batch, reason, self._deadline)
         except BaseException:
-            self._q.put_back(batch)   # Ctrl-C, SystemExit, a bug: nothing taken is dropped
+            self._q.unclaim()
             raise
-        finally:
-            self._inflight = []
         if outcome is Outcome.HELD:
-            self._q.put_back(batch)
+            self._q.unclaim()
             return False
+        self._q.drop(len(batch))
         self._advance(len(batch))
         return True
 
@@ -273,8 +311,11 @@ class Engine:
                     reason = "interval"
                 self._tick()
             if reason is not None:
-                with self._write_lock:
+                self._acquire_write(float("inf"))
+                try:
                     ok = self._write_batch(n, reason)
+                finally:
+                    self._release_write()
                 if not ok:   # neither the database nor the spill took it: do not spin
                     wake.wait(1.0)
                 continue
@@ -295,7 +336,7 @@ class Engine:
                 log.exception("tick hook failed")
 
     def _replay(self, deadline: float) -> bool:
-        if not self._write_lock.acquire(timeout=_seconds_until(deadline)):
+        if not self._acquire_write(deadline):
             return False
         try:
             return self.sink.replay(max(0.0, deadline - time.monotonic()))
@@ -303,12 +344,14 @@ class Engine:
             log.exception("replaying the spill file failed; it is tried again later")
             return False
         finally:
-            self._write_lock.release()
+            self._release_write()
 
     # -- flush and close -------------------------------------------------------------------------
     def flush(self, timeout: Optional[float]) -> bool:
         """True once everything queued before the call is in the database (not only spilled)."""
-        deadline = float("inf") if timeout is None else time.monotonic() + timeout
+        if timeout is None:   # bounded all the same: a write gives up and spills after its budget
+            timeout = self.config.write_retry_budget + 5.0
+        deadline = time.monotonic() + timeout
         with self._lock:
             target = self._q.seq
             thread = self._thread if self._state is State.OPEN else None
@@ -327,6 +370,10 @@ class Engine:
         return self._done >= target and self._settle_spill(deadline)
 
     def _settle_spill(self, deadline: float) -> bool:
+        """True when nothing waits outside the database: no spill left after a replay, and
+        nothing ever printed to stderr as unsaved."""
+        if self.stats.unsaved:
+            return False
         return not self.sink.spill_pending() or self._replay(deadline)
 
     def close(self, timeout: Optional[float]) -> bool:
@@ -356,11 +403,11 @@ class Engine:
         with self._lock:
             if self._state is State.CLOSING and not (thread is not None and thread.is_alive()):
                 self._state = State.CLOSED
-        if self._write_lock.acquire(timeout=_seconds_until(deadline)):
+        if self._acquire_write(deadline):
             try:
                 self.sink.close()   # a later synchronous write opens one connection and keeps it
             finally:
-                self._write_lock.release()
+                self._release_write()
         if not ok:
             log.error("close() returned before everything was in the database: %d entries queued, "
                       "spill pending: %s", len(self._dq), self.sink.spill_pending())
@@ -370,10 +417,18 @@ class Engine:
         """close() ran out of time: what is still queued leaves memory now (spill or stderr),
         and so, as a precaution, does the batch a stuck write holds (should that write still
         succeed, the replay finds those rows stored and skips them)."""
-        entries = self._q.take(len(self._dq))
-        if entries or self._inflight:
-            self.sink.salvage(list(self._inflight) + entries)
+        held = self._q.snapshot_claimed()
+        entries = self._q.take_unclaimed()
+        if held or entries:
+            self.sink.salvage(held + entries, _seconds_until(self._stop_at + 0.5))
             self._advance(len(entries))
+
+    def write_directly(self, why: str) -> None:
+        """No thread at all: every caller writes before its put() returns (for processes that
+        may end without running exit hooks, e.g. multiprocessing workers)."""
+        with self._lock:
+            if self._state is State.OPEN and self._thread is None:
+                self._degrade(why, never=True)
 
     # -- fork --------------------------------------------------------------------------------------
     def after_fork_in_child(self) -> None:

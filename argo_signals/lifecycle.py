@@ -73,13 +73,22 @@ def unwatch(handle: int) -> None:
 
 
 def _call_all(slot: int, what: str) -> None:
+    """Run every watched hook of one kind.  An exception from one (even ``SystemExit`` from an
+    application's signal handler chained during a close) does not skip the others: the first
+    ``BaseException`` is raised again once all have run."""
     with _watch_lock:
         hooks = [refs[slot] for refs in _watched.values()]
+    pending: Optional[BaseException] = None
     for hook in hooks:
         try:
             hook()
         except Exception:
             log.exception("%s failed", what)
+        except BaseException as exc:
+            if pending is None:
+                pending = exc
+    if pending is not None:
+        raise pending
 
 
 def _before_join() -> None:
@@ -100,6 +109,7 @@ def _at_exit() -> None:
 def _in_child() -> None:
     global _closing_depth, _deferred, _watch_lock
     _watch_lock = threading.Lock()
+    EXITING.clear()   # a child forked while its parent exits has its own life ahead
     _closing_depth, _deferred = 0, None
     _call_all(2, "resetting after fork")
 

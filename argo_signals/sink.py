@@ -86,7 +86,7 @@ class SQLiteSink:
             try:
                 if self.config.on_connect is not None:
                     self.config.on_connect(conn)
-                ensure_schema(conn)
+                ensure_schema(conn, max(5.0, self.config.busy_timeout))
                 st = os.stat(path)
             except BaseException:
                 conn.close()
@@ -122,7 +122,8 @@ class SQLiteSink:
             return Outcome.COMMITTED
         if self.spill_pending() and not self.replay(_left(stop_at)):
             # what waits in the spill came first: go behind it so that order holds
-            return self._spill(rows, updates, "a spill is still waiting for the database")
+            return self._spill(entries, rows, updates, "a spill is still waiting for the database",
+                               _left(stop_at))
         budget = self.config.write_retry_budget
         tries = [0]
 
@@ -148,7 +149,7 @@ class SQLiteSink:
                 raise
             self.close()
             self.stats.last_error = f"database write failed: {exc}"
-            return self._spill(rows, updates, str(exc))
+            return self._spill(entries, rows, updates, str(exc), _left(stop_at))
         self.stats.transactions += 1
         self._account(result, starts, reason)
         return Outcome.COMMITTED
@@ -180,9 +181,12 @@ class SQLiteSink:
     def spill_pending(self) -> bool:
         return os.path.exists(self.spill_path) or os.path.exists(self.spill_path + ".replaying")
 
-    def _spill(self, rows: List[tuple], updates: List[Update], why: str) -> Outcome:
+    def _spill(self, entries: Sequence[Entry], rows: List[tuple], updates: List[Update], why: str,
+               max_wait: Optional[float] = None) -> Outcome:
+        offset = time.time() - time.monotonic()   # when each update was made, as epoch seconds
+        times = [t + offset for k, _, t in entries if k == UPDATE]
         try:
-            spill.append(self.spill_path, rows, updates)
+            spill.append(self.spill_path, rows, updates, times, max_wait)
         except OSError as err:
             log.critical("database unwritable (%s) and spill file %s unwritable (%s): %d signals "
                          "stay in memory", why, self.spill_path, err, len(rows))
@@ -207,7 +211,7 @@ class SQLiteSink:
 
         ``max_wait`` bounds how long it waits for another writer's lock."""
         try:
-            taken = spill.take(self.spill_path)
+            taken = spill.take(self.spill_path, max_wait)
         except OSError as exc:
             log.warning("spill file %s cannot be read for replay: %s", self.spill_path, exc)
             return False
@@ -217,7 +221,10 @@ class SQLiteSink:
         try:
             result = write_batch(self._bounded(max_wait), taken.rows, taken.updates)
         except BaseException as exc:
-            spill.give_back(taken, self.spill_path)
+            try:
+                spill.give_back(taken, self.spill_path)
+            except OSError as err:  # the taken file stays: the next replay finds it first
+                log.warning("spill lines could not be put back yet (%s)", err)
             if not is_environment_error(exc):
                 raise
             self.close()
@@ -234,13 +241,13 @@ class SQLiteSink:
                     result.duplicates)
         return not os.path.exists(self.spill_path)
 
-    def salvage(self, entries: Sequence[Entry]) -> Outcome:
+    def salvage(self, entries: Sequence[Entry], max_wait: Optional[float] = None) -> Outcome:
         """Last resort for entries that must leave memory now: spill, else stderr."""
         rows = [finish(p) for k, p, _ in entries if k == INSERT]
         updates = [p for k, p, _ in entries if k == UPDATE]
         if not rows and not updates:
             return Outcome.COMMITTED
-        if self._spill(rows, updates, "close() ran out of time") is Outcome.SPILLED:
+        if self._spill(entries, rows, updates, "no time left to write", max_wait) is Outcome.SPILLED:
             return Outcome.SPILLED
         lines = [UNSAVED_PREFIX + json.dumps(_as_signal(r)) for r in rows]
         lines += [UNSAVED_PREFIX + json.dumps({"update_of": s, "fields": f}) for s, f in updates]

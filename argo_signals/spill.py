@@ -11,9 +11,11 @@ last line, left by a crash in the middle of an append, goes to ``<spill>.torn-<t
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import threading
 import time
 from datetime import datetime
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -37,33 +39,63 @@ def spill_path(db_path: str) -> str:
     return f"{db_path}.spill.jsonl"
 
 
+# Threads of this process take this lock first: POSIX record locks (lockf) belong to the
+# process, so they keep other processes out but not other threads.  Unlike flock(), a record
+# lock is not inherited by a forked child, which would otherwise hold it for its whole life.
+_thread_lock = threading.Lock()
+
+
+def _reinit_after_fork() -> None:
+    global _thread_lock
+    _thread_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
 @contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+def _locked(path: str, timeout: Optional[float] = None) -> Iterator[None]:
+    """The spill lock, waited for at most ``timeout`` seconds (``LOCK_TIMEOUT`` by default)."""
+    wait = LOCK_TIMEOUT if timeout is None else max(0.0, timeout)
+    deadline = time.monotonic() + wait
+    if not _thread_lock.acquire(timeout=min(wait, threading.TIMEOUT_MAX)):
+        raise OSError(f"spill file lock {path}.lock still busy after {wait:.1f}s")
     try:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise OSError(f"spill file lock {path}.lock still busy after {LOCK_TIMEOUT:.0f}s") from None
-                time.sleep(0.01)
-        yield
+        if fcntl is None:
+            yield
+            return
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise OSError(f"spill file lock {path}.lock still busy after {wait:.1f}s") from None
+                    time.sleep(0.01)
+            yield
+        finally:
+            os.close(fd)   # releases the record lock
     finally:
-        os.close(fd)
+        _thread_lock.release()
 
 
-def append(path: str, rows: Sequence[tuple], updates: Sequence[Update] = ()) -> None:
-    """Append finished rows and updates durably (fsync'd); raises OSError when that fails."""
+def append(path: str, rows: Sequence[tuple], updates: Sequence[Update] = (),
+           update_times: Optional[Sequence[float]] = None, timeout: Optional[float] = None) -> None:
+    """Append finished rows and updates durably (fsync'd); raises OSError when that fails.
+
+    ``update_times`` (epoch seconds each update was made) let a replay apply the updates of
+    one signal in the order they were made, whatever order they reached the file in."""
     lines = [json.dumps(dict(zip(FINISHED_FIELDS, r))) for r in rows]
-    lines += [json.dumps({"update_of": sid, "fields": fields}) for sid, fields in updates]
+    times = update_times if update_times is not None else [None] * len(updates)
+    lines += [json.dumps({"update_of": sid, "fields": fields, "at": at})
+              for (sid, fields), at in zip(updates, times)]
     data = "".join(line + "\n" for line in lines)
-    with _locked(path):
+    with _locked(path, timeout):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             view = memoryview(data.encode("utf-8"))
@@ -83,7 +115,7 @@ def pending_count(path: str) -> int:
     if not any(os.path.exists(p) for p in names):
         return 0
     try:
-        with _locked(path):
+        with _locked(path, 0.5):
             return sum(_count_lines(p) for p in names)
     except OSError:
         return sum(_count_lines(p) for p in names)
@@ -104,14 +136,14 @@ class Taken(NamedTuple):
     bad: int                   # lines moved to ``<spill>.bad``
 
 
-def take(path: str) -> Optional[Taken]:
+def take(path: str, timeout: Optional[float] = None) -> Optional[Taken]:
     """Claim the spill file for replay, or None when there is none.
 
     The caller commits the rows and then removes ``Taken.path``; if it cannot, the next
     ``take`` finds the taken file again (it is replayed before any newer spill).
     """
     taken = f"{path}.replaying"
-    with _locked(path):
+    with _locked(path, timeout):
         if not os.path.exists(taken):
             try:
                 os.rename(path, taken)
@@ -120,7 +152,7 @@ def take(path: str) -> Optional[Taken]:
         with open(taken, "rb") as f:
             data = f.read()
     rows: List[tuple] = []
-    updates: List[Update] = []
+    timed: List[Tuple[float, Update]] = []
     bad = 0
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline
@@ -134,13 +166,14 @@ def take(path: str) -> Optional[Taken]:
             _set_aside(f"{path}.bad", line, f"line {n} of {taken} is not a valid entry ({exc})")
             continue
         if kind == "update":
-            updates.append(entry)
+            timed.append(entry)
         else:
             rows.append(entry)
     if tail.strip():
         _set_aside(f"{path}.torn-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}", tail,
                    "torn last line (a write was interrupted)")
-    return Taken(taken, rows, updates, bad)
+    timed.sort(key=lambda e: e[0])   # stable: lines without a time keep their file order
+    return Taken(taken, rows, [u for _, u in timed], bad)
 
 
 def give_back(taken: Taken, path: str) -> None:
@@ -171,7 +204,9 @@ def entry_from_json(line: bytes) -> Tuple[str, Any]:
             raise ValueError("update_of must be a non-empty string")
         if not isinstance(fields, dict):
             raise ValueError("fields must be an object")
-        return "update", (sid, normalise_update(fields))
+        at = obj.get("at")
+        return "update", (at if isinstance(at, (int, float)) and not isinstance(at, bool) else 0.0,
+                          (sid, normalise_update(fields)))
     signal: Dict[str, Any] = {k: v for k, v in obj.items() if k in FIELDS and v is not None}
     meta = signal.pop("metadata", None)
     if meta is not None:

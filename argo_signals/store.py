@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import sqlite3
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import sqlite_utils
 
@@ -77,7 +78,7 @@ def connect(path: str, durability: str = "normal", busy_timeout: float = 5.0) ->
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         # switching needs an exclusive lock, so only ask when the file is not in WAL yet
         if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
+            _patiently(lambda: conn.execute("PRAGMA journal_mode = WAL"), busy_timeout)
         conn.execute(f"PRAGMA synchronous = {DURABILITY[durability]}")
     except BaseException:
         conn.close()
@@ -108,9 +109,33 @@ def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def ensure_schema(conn: sqlite3.Connection) -> None:
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _patiently(step: Callable[[], Any], wait: float) -> Any:
+    """Run ``step``, again while another connection holds the lock, for up to ``wait`` seconds.
+    (Changing the journal mode or the schema can answer "locked" at once, without waiting
+    for the busy timeout, when several processes open one new database together.)"""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01 + random.random() * 0.04)
+
+
+def ensure_schema(conn: sqlite3.Connection, wait: float = 5.0) -> None:
     """Create the tables and indexes if they do not exist (idempotent, multi-process safe:
-    every statement is ``IF NOT EXISTS``, so concurrent creators cannot collide)."""
+    every statement is ``IF NOT EXISTS``; a creator that finds the lock taken tries again
+    for up to ``wait`` seconds)."""
+    _patiently(lambda: _create_schema(conn), wait)
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
     db = sqlite_utils.Database(conn)
     if db["signals"].exists() and db["rejected_signals"].exists():
         return

@@ -3,6 +3,7 @@ and the sync, and hands its process events to ``lifecycle``."""
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import logging
 import os
 import signal as _signal
@@ -64,6 +65,9 @@ class SignalTracker:
             self._parts.close_at_exit if config.register_atexit else None, None, self._parts.after_fork)
         if config.handle_signals:
             self.install_signal_handlers()
+        if multiprocessing.parent_process() is not None:
+            # a pool may end this process with SIGTERM or os._exit(), which run no exit hook
+            self._engine.write_directly("multiprocessing child")
         self._engine.start()
 
     def __repr__(self) -> str:

@@ -41,7 +41,7 @@ class FakeSink:
     def spill_pending(self):
         return False
 
-    def salvage(self, entries):
+    def salvage(self, entries, max_wait=None):
         self.salvaged = [p for _, p, _ in entries]
         return Outcome.HELD
 
@@ -65,15 +65,16 @@ def put(e, i):
     e.put((INSERT, i, time.monotonic()))
 
 
-def test_queue_counts_seals_and_puts_back_in_order():
+def test_queue_counts_claims_and_seals():
     q = EntryQueue(3)
     for i in range(3):
         q.put_nowait((INSERT, i, 0.0))
     assert q.seq == 3 and q.full()
-    batch = q.take(2)
-    assert [p for _, p, _ in batch] == [0, 1]
-    q.put_back(batch)
-    assert [p for _, p, _ in q.take(10)] == [0, 1, 2]
+    batch = q.peek(2)                      # claimed, still queued until written
+    assert [p for _, p, _ in batch] == [0, 1] and q.seq == 3 and len(q.queue) == 3
+    assert [p for _, p, _ in q.take_unclaimed()] == [2]   # close()'s last resort skips the claim
+    q.drop(2)
+    assert q.seq == 3 and len(q.queue) == 0
     q.seal()
     with pytest.raises(Sealed):
         q.put_nowait((INSERT, 9, 0.0))
