@@ -1,6 +1,5 @@
 """Lifecycle events tried as a hostile user would: each test here reproduced a loss, a hang or a false
 True before its fix (real processes, real SQLite files, real signals)."""
-hangs or crashes, or close()/flush() answers True too early.  Real SQLite files, real processes."""
 import json
 import os
 import shutil
