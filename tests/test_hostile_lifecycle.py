@@ -10,7 +10,7 @@ import pytest
 
 from argo_signals import SignalTracker
 
-from conftest import count, make_signal, run_script
+from conftest import LineReader, count, make_signal, run_script, spawn_script
 
 QUIET = dict(batch_size=1_000_000, batch_timeout=3600, flush_interval=3600, register_atexit=False)
 
@@ -210,42 +210,32 @@ def test_ctrl_c_storm_during_synchronous_writes_neither_loses_nor_hangs(db):
 
 
 def test_fork_while_the_spill_lock_is_held_does_not_keep_it_held(db):
-    out = run_script("""
-        import fcntl, os, sqlite3, sys, threading, time
-        from argo_signals import SignalTracker
-        db = sys.argv[1]
-        t = SignalTracker(db, write_retry_budget=0.0, busy_timeout=0.01, batch_size=1,
-                          batch_timeout=0.01, register_atexit=False)
-        h = sqlite3.connect(db, isolation_level=None); h.execute("BEGIN IMMEDIATE")
-        def produce():
-            i = 0
-            while True:
-                t.log_signal({"symbol": "AAPL", "action": "BUY", "entry_price": 1, "confidence": 1, "seq": i})
-                i += 1; time.sleep(0.001)
-        threading.Thread(target=produce, daemon=True).start()
-        lockpath = db + ".spill.jsonl.lock"
-        while not os.path.exists(lockpath):
-            time.sleep(0.001)
-        fd = os.open(lockpath, os.O_RDWR)
-        end, child = time.monotonic() + 20, None
-        while time.monotonic() < end:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); fcntl.flock(fd, fcntl.LOCK_UN)
-            except BlockingIOError:       # the writer thread is appending to the spill now
-                child = os.fork()
-                if child == 0:
-                    time.sleep(15); os._exit(0)
-                break
-        time.sleep(1.0)                   # the parent's append finished long ago
+    """A child forked while the parent holds the spill lock must not keep holding it."""
+    path = f"{db}.spill.jsonl"
+    proc = spawn_script("""
+        import os, sys, time
+        from argo_signals import spill
+        with spill._locked(sys.argv[1]):     # as if the writer were appending right now
+            child = os.fork()
+            if child == 0:
+                time.sleep(20)
+                os._exit(0)
+        print("released", child, flush=True)  # the parent's append is long over
+        time.sleep(20)
+    """, path)
+    out = LineReader(proc.stdout)
+    try:
+        word, child = out.readline(10).split()
+        assert word == "released"
+        from argo_signals import spill
+        spill.append(path, [], [("x", {"outcome": "win"})], timeout=1.0)   # another process
+    finally:
+        proc.kill()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print("free")
-        except BlockingIOError:
-            print("held")
-        if child:
-            os.kill(child, 9)
-        os._exit(0)
-    """, db, timeout=60)
-    assert out.stdout.split() == ["free"], (out.stdout, out.stderr[-800:])
+            os.kill(int(child), 9)
+        except (NameError, ProcessLookupError, ValueError):
+            pass
+    assert "update_of" in open(path).read()
 
 
 def test_updates_keep_their_order_when_close_salvages_while_the_writer_holds_a_batch(db):
