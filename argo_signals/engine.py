@@ -1,6 +1,6 @@
 """The engine: a bounded queue, one daemon thread, the triggers, and a named state.
 
-Producers ``put()`` on a ``queue.Queue``; the thread sleeps on one ``threading.Event`` until
+Producers ``put()`` on a ``queue.Queue``; the thread sleeps on one wake-up channel until
 the earliest of: the queue reaching ``batch_size``, the oldest entry turning
 ``batch_timeout`` old, the next ``flush_interval`` tick, ``flush()`` or ``close()``.  Whoever
 runs the sink (the thread, or a caller writing synchronously) holds the write lock and takes
@@ -15,8 +15,8 @@ States (changed only under ``_lock``)::
 
 OPEN: the thread writes.  DEGRADED: the thread cannot run (it keeps dying, the interpreter
 is exiting, or this is a forked child): callers run the sink themselves.  CLOSING and
-CLOSED: the queue is sealed; every caller writes synchronously.  A ``BaseException``
-(Ctrl-C, SystemExit) raised inside a write puts the batch back at the head of the queue.
+CLOSED: the queue is sealed; every caller writes synchronously.  Entries leave the queue
+only once written, so a ``BaseException`` (Ctrl-C, SystemExit) inside a write drops nothing.
 """
 from __future__ import annotations
 
@@ -80,8 +80,10 @@ class Engine:
         self._write_lock = threading.Lock()    # whoever runs the sink (see _acquire_write)
         self._owner: Optional[int] = None      # the thread holding it
         self._ownerless_since: Optional[float] = None
-        self._progress = threading.Condition(threading.Lock())
-        self._wake = threading.Event()
+        # The wake-up is a C-level SimpleQueue, not a threading.Event: Event.set() runs Python
+        # code under a lock, and a Ctrl-C landing there would leave that lock held.
+        self._wake: "queue.SimpleQueue[None]" = queue.SimpleQueue()
+        self._woken = False
         self._state = state
         self._why = why                        # why DEGRADED
         self._retry_at = float("inf")          # when DEGRADED may try a thread again
@@ -115,9 +117,9 @@ class Engine:
                 dq.append(entry)
                 if not self._limit:
                     self._write_queued("tracker closed")
-                elif self._armed or (n >= self._wake_at and not self._wake.is_set()):
+                elif self._armed or (n >= self._wake_at and not self._woken):
                     self._armed = False
-                    self._wake.set()
+                    self._wake_up()
                 return
         self._put_slow(entry)
 
@@ -134,7 +136,7 @@ class Engine:
                     raise queue.Full
                 if not main:
                     self._q.put(entry, timeout=self.config.queue_full_timeout)
-                self._wake.set()
+                self._wake_up()
                 return
             except queue.Full:
                 cause = "tracker closed" if self._q.sealed else "queue full"
@@ -232,9 +234,20 @@ class Engine:
         return True
 
     def _advance(self, n: int) -> None:
-        self._done += n
-        with self._progress:
-            self._progress.notify_all()
+        self._done += n   # flush() polls it: no lock a Ctrl-C could leave held
+
+    def _wake_up(self) -> None:
+        self._woken = True
+        self._wake.put(None)
+
+    def _sleep(self, seconds: float) -> None:
+        """The thread's one wait: until ``seconds`` pass or someone calls ``_wake_up()``."""
+        try:
+            self._wake.get(timeout=seconds)
+            while True:
+                self._wake.get_nowait()
+        except queue.Empty:
+            pass
 
     def _deadline(self) -> float:
         return self._stop_at
@@ -259,8 +272,6 @@ class Engine:
     def _degrade(self, why: str, never: bool = False, wait: float = 0.0) -> None:  # under _lock
         self._state, self._why, self._thread = State.DEGRADED, why, None
         self._retry_at = float("inf") if never else time.monotonic() + wait
-        with self._progress:
-            self._progress.notify_all()
 
     def _restart(self) -> bool:
         with self._lock:
@@ -286,16 +297,13 @@ class Engine:
                                   "synchronously for %.0fs", self.BROKEN_COOLDOWN)
                     self._degrade("writer thread keeps dying" if again else "writer thread died",
                                   wait=self.BROKEN_COOLDOWN if again else 0.0)
-        finally:
-            with self._progress:   # a flush() waiting on this thread stops waiting
-                self._progress.notify_all()
 
     def _loop(self) -> None:
-        cfg, dq, wake = self.config, self._dq, self._wake
+        cfg, dq = self.config, self._dq
         next_tick = time.monotonic() + cfg.flush_interval
         self._tick()
         while self._state is State.OPEN:
-            wake.clear()
+            self._woken = False
             now = time.monotonic()
             reason, n = None, cfg.max_batch
             if self._flush_to > self._done:
@@ -317,14 +325,14 @@ class Engine:
                 finally:
                     self._release_write()
                 if not ok:   # neither the database nor the spill took it: do not spin
-                    wake.wait(1.0)
+                    self._sleep(1.0)
                 continue
             self._armed = True
             deadline = next_tick
             if dq:
                 self._armed = False
                 deadline = min(deadline, _oldest(dq, now) + cfg.batch_timeout)
-            wake.wait(_seconds_until(deadline))
+            self._sleep(_seconds_until(deadline))
 
     def _tick(self) -> None:
         if self.sink.spill_pending():
@@ -358,13 +366,12 @@ class Engine:
             if thread is not None:
                 self._flush_to = max(self._flush_to, target)
         if thread is not None and thread is not threading.current_thread():
-            self._wake.set()
-            with self._progress:
-                while self._done < target and thread.is_alive():
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._progress.wait(min(left, 0.1))
+            self._wake_up()
+            while self._done < target and thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(left, 0.002))
         if self._done < target and not self._run_until(target, "manual", deadline):
             return False
         return self._done >= target and self._settle_spill(deadline)
@@ -392,7 +399,7 @@ class Engine:
             thread = self._thread
         self._limit = 0
         self._q.seal()
-        self._wake.set()
+        self._wake_up()
         if thread is not None and thread is not threading.current_thread():
             thread.join(_seconds_until(deadline))
         target = self._q.seq
