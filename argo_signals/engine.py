@@ -31,6 +31,7 @@ from .batchqueue import EntryQueue, Sealed
 from .config import Config
 from .sink import Entry, Outcome
 from .stats import Stats
+from .writelock import WriteLock, seconds_until
 
 log = logging.getLogger("argo_signals")
 
@@ -77,9 +78,7 @@ class Engine:
         self._dq = self._q.queue
         self._limit = self.config.max_queue_size   # 0 once sealed
         self._lock = threading.Lock()          # state transitions
-        self._write_lock = threading.Lock()    # whoever runs the sink (see _acquire_write)
-        self._owner: Optional[int] = None      # the thread holding it
-        self._ownerless_since: Optional[float] = None
+        self._write_lock = WriteLock()         # whoever runs the sink
         # The wake-up is a C-level SimpleQueue, not a threading.Event: Event.set() runs Python
         # code under a lock, and a Ctrl-C landing there would leave that lock held.
         self._wake: "queue.SimpleQueue[None]" = queue.SimpleQueue()
@@ -176,7 +175,7 @@ class Engine:
     # -- running the sink (whoever holds the write lock) ---------------------------------------
     def _run_until(self, target: int, reason: Optional[str], deadline: float) -> bool:
         while self._done < target:
-            if deadline <= time.monotonic() or not self._acquire_write(deadline):
+            if deadline <= time.monotonic() or not self._write_lock.acquire(deadline):
                 return False
             try:
                 n = min(target - self._done, self.config.max_batch)
@@ -185,37 +184,8 @@ class Engine:
                 if not self._dq:
                     break
             finally:
-                self._release_write()
+                self._write_lock.release()
         return True
-
-    def _acquire_write(self, deadline: float) -> bool:
-        """Take the write lock by ``deadline``.
-
-        A Ctrl-C (or SIGTERM's SystemExit) can land between a successful ``acquire()`` and the
-        ``try`` that would release it, leaving the lock held by nobody at work.  Such a lock is
-        taken back: by its own thread when it comes to write again (it holds it already), and
-        by anyone after it has stayed held with no owner for a second."""
-        me = threading.get_ident()
-        if self._owner == me:
-            self._release_write()
-        while True:
-            if self._write_lock.acquire(timeout=min(0.25, _seconds_until(deadline))):
-                self._owner, self._ownerless_since = me, None
-                return True
-            now = time.monotonic()
-            if self._owner is None and self._write_lock.locked():
-                if self._ownerless_since is None:
-                    self._ownerless_since = now
-                elif now - self._ownerless_since > 1.0:
-                    log.error("the write lock was left held by an interrupted write; taking it back")
-                    self._ownerless_since = None
-                    self._write_lock.release()
-            if now >= deadline:
-                return False
-
-    def _release_write(self) -> None:
-        self._owner = None
-        self._write_lock.release()
 
     def _write_batch(self, n: int, reason: Optional[str]) -> bool:
         batch = self._q.peek(n)   # stays queued until written: Ctrl-C or a bug drops nothing
@@ -319,11 +289,11 @@ class Engine:
                     reason = "interval"
                 self._tick()
             if reason is not None:
-                self._acquire_write(float("inf"))
+                self._write_lock.acquire(float("inf"))
                 try:
                     ok = self._write_batch(n, reason)
                 finally:
-                    self._release_write()
+                    self._write_lock.release()
                 if not ok:   # neither the database nor the spill took it: do not spin
                     self._sleep(1.0)
                 continue
@@ -332,7 +302,7 @@ class Engine:
             if dq:
                 self._armed = False
                 deadline = min(deadline, _oldest(dq, now) + cfg.batch_timeout)
-            self._sleep(_seconds_until(deadline))
+            self._sleep(seconds_until(deadline))
 
     def _tick(self) -> None:
         if self.sink.spill_pending():
@@ -344,7 +314,7 @@ class Engine:
                 log.exception("tick hook failed")
 
     def _replay(self, deadline: float) -> bool:
-        if not self._acquire_write(deadline):
+        if not self._write_lock.acquire(deadline):
             return False
         try:
             return self.sink.replay(max(0.0, deadline - time.monotonic()))
@@ -352,7 +322,7 @@ class Engine:
             log.exception("replaying the spill file failed; it is tried again later")
             return False
         finally:
-            self._release_write()
+            self._write_lock.release()
 
     # -- flush and close -------------------------------------------------------------------------
     def flush(self, timeout: Optional[float]) -> bool:
@@ -401,20 +371,24 @@ class Engine:
         self._q.seal()
         self._wake_up()
         if thread is not None and thread is not threading.current_thread():
-            thread.join(_seconds_until(deadline))
+            thread.join(seconds_until(deadline))
         target = self._q.seq
-        ok = self._run_until(target, "close", deadline)
+        try:
+            ok = self._run_until(target, "close", deadline)
+        except Exception:
+            log.exception("writing at close failed")
+            ok = False
         if not ok:
             self._salvage()
         ok = self._settle_spill(deadline) and ok and self._done >= target
         with self._lock:
             if self._state is State.CLOSING and not (thread is not None and thread.is_alive()):
                 self._state = State.CLOSED
-        if self._acquire_write(deadline):
+        if self._write_lock.acquire(deadline):
             try:
                 self.sink.close()   # a later synchronous write opens one connection and keeps it
             finally:
-                self._release_write()
+                self._write_lock.release()
         if not ok:
             log.error("close() returned before everything was in the database: %d entries queued, "
                       "spill pending: %s", len(self._dq), self.sink.spill_pending())
@@ -427,7 +401,7 @@ class Engine:
         held = self._q.snapshot_claimed()
         entries = self._q.take_unclaimed()
         if held or entries:
-            self.sink.salvage(held + entries, _seconds_until(self._stop_at + 0.5))
+            self.sink.salvage(held + entries, seconds_until(self._stop_at + 0.5))
             self._advance(len(entries))
 
     def write_directly(self, why: str) -> None:
@@ -447,11 +421,6 @@ class Engine:
             self._reset(State.CLOSED)
         else:
             self._reset(State.DEGRADED, "forked child")
-
-
-def _seconds_until(deadline: float) -> float:
-    """A timeout for ``Lock.acquire``: never negative, never past ``threading.TIMEOUT_MAX``."""
-    return min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX)
 
 
 def _oldest(dq: Any, default: float) -> float:

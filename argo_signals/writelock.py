@@ -1,0 +1,56 @@
+"""The engine's write lock: one writer at a time, and no lock lost to an interrupted acquire.
+
+A Ctrl-C (or SIGTERM turned into ``SystemExit``) on the main thread can land between a
+successful ``Lock.acquire()`` and the ``try`` that would release it, leaving the lock held by
+nobody at work.  ``WriteLock`` records its owner and takes such a lock back: the owner's
+thread does when it comes to write again (it cannot hold it legitimately then), and anyone
+does once the lock has been held for a second with no owner recorded.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Optional
+
+log = logging.getLogger("argo_signals")
+
+__all__ = ["WriteLock", "seconds_until"]
+
+OWNERLESS_GRACE = 1.0
+
+
+def seconds_until(deadline: float) -> float:
+    """A timeout for ``Lock.acquire``: never negative, never past ``threading.TIMEOUT_MAX``."""
+    return min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX)
+
+
+class WriteLock:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: Optional[int] = None
+        self._ownerless_since: Optional[float] = None
+
+    def acquire(self, deadline: float) -> bool:
+        """Take the lock by ``deadline`` (monotonic seconds; ``inf`` waits as long as it takes)."""
+        me = threading.get_ident()
+        if self._owner == me:
+            self.release()
+        while True:
+            if self._lock.acquire(timeout=min(0.25, seconds_until(deadline))):
+                self._owner, self._ownerless_since = me, None
+                return True
+            now = time.monotonic()
+            if self._owner is None and self._lock.locked():
+                if self._ownerless_since is None:
+                    self._ownerless_since = now
+                elif now - self._ownerless_since > OWNERLESS_GRACE:
+                    log.error("the write lock was left held by an interrupted write; taking it back")
+                    self._ownerless_since = None
+                    self._lock.release()
+            if now >= deadline:
+                return False
+
+    def release(self) -> None:
+        self._owner = None
+        self._lock.release()
