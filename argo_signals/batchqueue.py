@@ -6,6 +6,7 @@ from the head under ``mutex`` and puts them back there if the write is interrupt
 """
 from __future__ import annotations
 
+import itertools
 import queue
 from typing import List
 
@@ -67,8 +68,7 @@ class EntryQueue(queue.Queue):  # type: ignore[type-arg]
     def peek(self, n: int) -> List[Entry]:
         """Claim up to ``n`` entries at the head (the caller holds the engine's write lock)."""
         with self.mutex:
-            q = self.queue
-            out = [q[i] for i in range(min(n, len(q)))]
+            out = list(itertools.islice(self.queue, n))
             self.claimed = len(out)
             return out
 
@@ -101,7 +101,7 @@ class EntryQueue(queue.Queue):  # type: ignore[type-arg]
 
     def snapshot_claimed(self) -> List[Entry]:
         with self.mutex:
-            return [self.queue[i] for i in range(min(self.claimed, len(self.queue)))]
+            return list(itertools.islice(self.queue, self.claimed))
 
     def seal(self) -> None:
         with self.mutex:
