@@ -33,13 +33,19 @@ def test_flush_without_timeout_replays_a_pending_spill_instead_of_raising(db):
     t.close(5)
 
 
-def test_flush_without_timeout_returns_when_nothing_can_be_written(db, tmp_path):
+def nothing_writable(db, tmp_path):
+    """A tracker whose database is locked by another writer and whose spill directory is gone."""
     spill_dir = tmp_path / "spill"
     spill_dir.mkdir()
     t = SignalTracker(db, spill_path=str(spill_dir / "s.jsonl"), write_retry_budget=0.2,
                       busy_timeout=0.1, **QUIET)
     holder = lock_db(db)
     shutil.rmtree(spill_dir)
+    return t, holder
+
+
+def test_flush_without_timeout_returns_when_nothing_can_be_written(db, tmp_path):
+    t, holder = nothing_writable(db, tmp_path)
     t.log_signal(make_signal(1))
     res = []
     th = threading.Thread(target=lambda: res.append(t.flush()), daemon=True)
@@ -53,12 +59,7 @@ def test_flush_without_timeout_returns_when_nothing_can_be_written(db, tmp_path)
 
 
 def test_close_again_is_not_true_after_signals_went_only_to_stderr(db, tmp_path):
-    spill_dir = tmp_path / "spill"
-    spill_dir.mkdir()
-    t = SignalTracker(db, spill_path=str(spill_dir / "s.jsonl"), write_retry_budget=0.2,
-                      busy_timeout=0.1, **QUIET)
-    holder = lock_db(db)
-    shutil.rmtree(spill_dir)
+    t, holder = nothing_writable(db, tmp_path)
     for i in range(3):
         t.log_signal(make_signal(i))
     assert t.close(2) is False              # salvaged to stderr
