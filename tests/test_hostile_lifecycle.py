@@ -6,7 +6,6 @@ import shutil
 import sqlite3
 import threading
 
-import pytest
 
 from argo_signals import SignalTracker
 
