@@ -47,6 +47,8 @@ class SignalTracker:
         self._logged = itertools.count()  # next() is atomic: no lock on the hot path
         self._pid = os.getpid()
 
+        self._sink = SQLiteSink(config, self._stats)
+        self._sink.open()   # fail fast; the schema exists before any thread uses it
         self._syncer: Optional[Syncer] = None
         if config.alpine_url:
             self._syncer = Syncer(self.db_path, SyncConfig(
@@ -54,9 +56,7 @@ class SignalTracker:
                 timeout=config.sync_timeout, shutdown_timeout=config.sync_shutdown_timeout,
                 retry_budget=config.sync_retry_budget, max_attempts=config.max_sync_attempts,
                 durability=config.durability, busy_timeout=config.busy_timeout))
-        self._sink = SQLiteSink(config, self._stats,
-                                on_commit=None if self._syncer is None else self._syncer.nudge_after_commit)
-        self._sink.open()   # fail fast; the schema exists before any thread uses it
+            self._sink.on_commit = self._syncer.nudge_after_commit
         self._engine = Engine(config, self._sink, self._stats, lifecycle.EXITING,
                               on_tick=None if self._syncer is None else self._syncer.nudge)
         self._put = self._engine.put
