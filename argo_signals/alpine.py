@@ -223,6 +223,7 @@ class Answer:
     retry_after: Optional[float] = None
 
 
+DETAIL_LIMIT = 4000   # characters of an answer kept for redaction (the shown text is shorter)
 _DIGITS = re.compile(r"[0-9]{1,9}")
 
 
@@ -264,8 +265,9 @@ def _detail(status: int, reason: str, content: bytes) -> str:
         except Exception:
             text = "(unreadable detail)"
     else:
-        text = content[:400].decode("utf-8", "replace")
-    return f"HTTP {status}: " + (text.strip() or reason or "").strip()[:200]
+        text = content[:DETAIL_LIMIT].decode("utf-8", "replace")
+    # cut generously here; the sender redacts the key and only then cuts to what it shows
+    return f"HTTP {status}: " + (text.strip() or reason or "").strip()[:DETAIL_LIMIT]
 
 
 def classify(status: int, headers: Mapping[str, str], content: bytes, reason: str = "") -> Answer:

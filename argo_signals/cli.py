@@ -21,6 +21,7 @@ import click
 from . import spill
 from .config import env_flag
 from .outcomes import read_last_error
+from .safetext import escape_controls
 from .signal import FIELDS, HASH_FIELDS, RESERVED_COLUMNS, SignalValidationError, alpine_hash, normalise, recheck
 from .sink import UNSAVED_PREFIX
 from .stats import percentile
@@ -47,10 +48,13 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar
 
 
 def _emit(data: Any, as_json: bool, text: Optional[str] = None) -> None:
+    """Print ``data`` as JSON or ``text``; control characters that came from the database or
+    the receiver are shown as escapes, line by line (the text's own line breaks stay)."""
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
-        click.echo(text if text is not None else "\n".join(f"{k}: {v}" for k, v in data.items()))
+        text = text if text is not None else "\n".join(f"{k}: {v}" for k, v in data.items())
+        click.echo("\n".join(escape_controls(line) for line in text.split("\n")))
 
 
 @contextmanager

@@ -7,13 +7,12 @@ or hook runs per row.  Every text that leaves this module is redacted of the API
 """
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
-from urllib.parse import quote, urlsplit, urlunsplit
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import urllib3
@@ -23,26 +22,97 @@ from tenacity import (Retrying, retry_if_result, stop_after_attempt, stop_before
 
 from .alpine import HEALTH_PATH, SIGNAL_PATH, Answer, Kind, classify
 from .breaker import Breaker
+from .safetext import clip, escape_controls
 
 __all__ = ["Redactor", "safe_url", "Delivery"]
 
 
+_HEX = "0123456789abcdefABCDEF"
+_JSON_ESCAPES = {"/": "/", "\\": "\\", '"': '"', "'": "'", "b": "", "f": "", "n": "", "r": "", "t": ""}
+SHOWN_LIMIT = 300  # characters of an answer's text kept (logged, stored), cut after redaction
+MIN_PARTIAL = 4   # a cut text ending in this much of the key's start loses that end too
+
+
+def _canonical(text: str) -> Tuple[bytes, List[int], List[int]]:
+    """``text`` decoded the ways a receiver may echo a value (percent escapes in any case,
+    form ``+``, JSON backslash escapes) with whitespace and ``+`` dropped, as lower-case UTF-8
+    bytes;
+    with, for each byte, the start and end of the characters of ``text`` it came from."""
+    out = bytearray()
+    starts: List[int] = []
+    ends: List[int] = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "%" and i + 2 < n and text[i + 1] in _HEX and text[i + 2] in _HEX:
+            b, j = bytes((int(text[i + 1:i + 3], 16),)), i + 3
+        elif ch == "\\" and i + 1 < n and text[i + 1] in _JSON_ESCAPES:
+            b, j = _JSON_ESCAPES[text[i + 1]].encode(), i + 2
+        elif ch == "\\" and i + 5 < n and text[i + 1] == "u" and all(c in _HEX for c in text[i + 2:i + 6]):
+            b, j = chr(int(text[i + 2:i + 6], 16)).encode("utf-8", "surrogatepass"), i + 6
+        else:
+            b, j = ch.encode("utf-8", "surrogatepass"), i + 1
+        b = bytes(x for x in b if x not in _DROP)
+        out += b
+        starts += [i] * len(b)
+        ends += [j] * len(b)
+        i = j
+    return bytes(out).lower(), starts, ends
+
+
+_DROP = frozenset(b" \t\r\n\x0b\x0c+")
+
+
 class Redactor:
-    """Replaces every occurrence of the secrets (raw, JSON-escaped, percent-encoded) with ``***``."""
+    """Replaces every echo of the secrets with ``***``: raw, JSON-escaped (``\\/``, ``\\uXXXX``),
+    percent-encoded, form-encoded (``+``), in any letter case, or broken by whitespace or
+    line breaks.  A text that ends in the first ``MIN_PARTIAL`` or more characters of a secret (a
+    cut answer) loses that end too."""
 
     def __init__(self, secrets: Iterable[Optional[str]]) -> None:
-        forms: Set[str] = set()
+        keys: Set[bytes] = set()
+        raw: Set[str] = set()
         for s in secrets:
             if s:
-                forms.update((s, json.dumps(s)[1:-1], quote(s, safe=""), quote(s)))
-        self._forms = sorted((f for f in forms if f), key=len, reverse=True)
+                raw.add(s)
+                c = _canonical(s)[0]
+                if c:
+                    keys.add(c)
+        self._raw = sorted(raw, key=len, reverse=True)
+        self._keys = sorted(keys, key=len, reverse=True)
 
     def __call__(self, text: Optional[str]) -> str:
         text = "" if text is None else str(text)
-        for f in self._forms:
-            if f in text:
-                text = text.replace(f, "***")
-        return text
+        for r in self._raw:
+            text = text.replace(r, "***")
+        if not self._keys:
+            return text
+        canon, starts, ends = _canonical(text)
+        spans: List[Tuple[int, int]] = []
+        for key in self._keys:
+            at = canon.find(key)
+            while at >= 0:
+                spans.append((starts[at], ends[at + len(key) - 1]))
+                at = canon.find(key, at + 1)
+            for k in range(min(len(key) - 1, len(canon)), MIN_PARTIAL - 1, -1):
+                if canon.endswith(key[:k]):
+                    spans.append((starts[len(canon) - k], len(text)))
+                    break
+        if not spans:
+            return text
+        spans.sort()
+        merged: List[List[int]] = []
+        for a, b in spans:
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        parts, pos = [], 0
+        for a, b in merged:
+            parts += [text[pos:a], "***"]
+            pos = b
+        parts.append(text[pos:])
+        return "".join(parts)
 
 
 def safe_url(url: str) -> str:
@@ -150,7 +220,7 @@ class Delivery:
             self.breaker.success()
         if answer.kind is Kind.UNREACHABLE:
             self.breaker.failure(answer.detail)
-        answer.detail = self.redact(answer.detail)
+        answer.detail = clip(escape_controls(self.redact(answer.detail)), SHOWN_LIMIT)
         return answer
 
     def post(self, body: bytes) -> Answer:
@@ -171,7 +241,7 @@ class Delivery:
             resp.close()
             return None
         except Exception as exc:
-            return self.redact(type(exc).__name__ + _cause(exc))
+            return escape_controls(self.redact(type(exc).__name__ + _cause(exc)))
 
     # -- one row, with retries -------------------------------------------------------------------
     def _again(self, answer: Answer) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import store
 from .alpine import Answer, Kind
+from .safetext import escape_controls
 
 __all__ = ["Outcomes", "read_last_error", "LAST_ERROR_TABLE"]
 
@@ -62,7 +63,7 @@ class Outcomes:
     def error(self, text: str, persist: bool = True) -> None:
         """Remember ``text`` as the last error (redacted); also in the database, at most once a
         second unless ``persist`` is forced by a configuration or outage error."""
-        text = self.redact(text)
+        text = escape_controls(self.redact(text))
         self.last_error = text
         now = time.monotonic()
         if not persist and now - self._written_at < 1.0:
@@ -94,7 +95,7 @@ class Outcomes:
                forced: bool) -> None:
         cfg = self.config
         rid, sid, kind = row["id"], row["signal_id"], answer.kind
-        detail = self.redact(answer.detail)
+        detail = escape_controls(self.redact(answer.detail))
         if kind is Kind.SYNCED:
             self._count("synced")
             self._settle(generation, rid, "synced", None)

@@ -1,0 +1,146 @@
+"""A hostile receiver and hostile input against the Alpine sync and the CLI.
+
+Each test states the promise it checks.  Receivers are raw sockets on 127.0.0.1.
+"""
+import json
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+from argo_signals import SignalTracker
+from argo_signals.alpine import classify
+from argo_signals.delivery import Redactor
+
+from conftest import make_signal
+
+KEY = "sk-SECRETKEY/abc+def ghi~1234567890"
+CLI = [sys.executable, "-m", "argo_signals.cli"]
+
+
+# -- a raw loopback receiver -------------------------------------------------------------------
+class RawServer:
+    def __init__(self, handler):
+        self.handler = handler
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.posts = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._conn, args=(c,), daemon=True).start()
+
+    def _conn(self, c):
+        c.settimeout(60)
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    d = c.recv(65536)
+                    if not d:
+                        return
+                    buf += d
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                n = 0
+                for line in head.decode("latin-1").split("\r\n")[1:]:
+                    k, _, v = line.partition(":")
+                    if k.strip().lower() == "content-length":
+                        n = int(v)
+                while len(buf) < n:
+                    buf += c.recv(65536)
+                body, buf = buf[:n], buf[n:]
+                if head.startswith(b"POST"):
+                    self.posts.append(time.monotonic())
+                self.handler(c, head, body)
+        except OSError:
+            pass
+
+    def close(self):
+        self.sock.close()
+
+
+def respond(c, status, body, headers=()):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    h = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+    h += "".join(f"{k}: {v}\r\n" for k, v in headers)
+    c.sendall(h.encode("latin-1") + b"\r\n" + data)
+
+
+def _db_with(tmp_path, n=1, **over):
+    db = tmp_path / "a.db"
+    with SignalTracker(str(db), sync_enabled=False, register_atexit=False) as t:
+        for i in range(n):
+            t.log_signal(make_signal(i, **over))
+    return db
+
+
+def _cli(*args, env=None, timeout=60):
+    import os
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, env=e, timeout=timeout)
+
+
+# -- 1. the key leaks through forms the Redactor does not know ------------------------------------
+@pytest.mark.parametrize("echo", [
+    urllib.parse.quote_plus(KEY),                                       # form encoding (space -> +)
+    re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), urllib.parse.quote(KEY, safe="")),  # lower-case escapes
+    KEY.replace("/", "\\/"),                                            # JSON with escaped solidus, in a non-JSON body
+    KEY[:12] + "\n" + KEY[12:],                                         # split across lines
+])
+def test_redactor_hides_every_echo_of_the_key(echo):
+    redact = Redactor([KEY])
+    out = redact(f"HTTP 500: key={echo}")
+    assert "SECRETKEY" not in out, out
+
+
+def test_truncated_detail_does_not_leave_a_prefix_of_the_key():
+    """classify() cuts the detail at 200 characters *before* redaction: the key's head survives."""
+    answer = classify(500, {}, json.dumps({"detail": "A" * 190 + " " + KEY}).encode())
+    text = Redactor([KEY])(answer.detail)
+    assert "sk-SECRET" not in text, text
+
+
+def test_redirect_location_with_form_encoded_key_is_not_logged_or_stored(tmp_path):
+    db = _db_with(tmp_path)
+    loc = "http://elsewhere.invalid/?k=" + urllib.parse.quote_plus(KEY)
+    srv = RawServer(lambda c, h, b: respond(c, 302, b"", [("Location", loc)]))
+    p = _cli("sync", "--db", str(db), "--alpine-url", srv.url, "--timeout", "5", "-q",
+             env={"ARGO_API_KEY": KEY})
+    stored = sqlite3.connect(str(db)).execute("SELECT sync_error FROM signals").fetchone()[0]
+    assert "SECRETKEY" not in p.stdout + p.stderr
+    assert "SECRETKEY" not in (stored or "")
+
+
+# -- 2. a hostile receiver ----------------------------------------------------------------------
+def test_receiver_text_with_terminal_escapes_is_not_printed_raw(tmp_path):
+    db = _db_with(tmp_path)
+    srv = RawServer(lambda c, h, b: respond(c, 500, {"detail": "x\x1b]0;PWNED\x07\rFAKE"}))
+    p = _cli("sync", "--db", str(db), "--alpine-url", srv.url, "--timeout", "8", "-q")
+    s = _cli("status", "--db", str(db))
+    assert "\x1b" not in p.stdout + p.stderr
+    assert "\x1b" not in s.stdout
+
+
+def test_verify_does_not_print_terminal_escapes_from_a_signal_id(tmp_path):
+    db = _db_with(tmp_path, 1, signal_id="id\x1b]0;PWN\x07X")
+    c = sqlite3.connect(str(db))
+    c.execute("UPDATE signals SET sha256 = 'x'")
+    c.commit()
+    c.close()
+    p = _cli("verify", "--db", str(db))
+    assert "\x1b" not in p.stdout
+
