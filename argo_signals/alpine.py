@@ -64,8 +64,10 @@ def receiver_hash(body: Mapping[str, Any]) -> str:
 
 
 # -- what the receiver refuses for good ----------------------------------------------------------
-def _text_length(value: Any) -> Optional[int]:
-    return None if value is None else len(str(value).strip())
+def _given_text_length(value: Any) -> Optional[int]:
+    """The stripped length of a text that is given and not empty (the receiver's
+    ``if reasoning and len(reasoning.strip()) < 20``); None when absent or ``""``."""
+    return None if value is None or str(value) == "" else len(str(value).strip())
 
 
 def _upper_text_length(value: Any) -> Optional[int]:
@@ -78,7 +80,7 @@ def _upper(value: Any) -> Optional[str]:
 
 # How a column is measured before its test: the same function in Python and (registered) in SQL.
 _MEASURES: Dict[str, Callable[[Any], Any]] = {
-    "upper": _upper, "text_length": _text_length, "upper_text_length": _upper_text_length,
+    "upper": _upper, "upper_text_length": _upper_text_length, "given_text_length": _given_text_length,
 }
 
 
@@ -147,8 +149,8 @@ REFUSALS: Tuple[Refusal, ...] = (
     Refusal("rejected", "target_price must not be negative" + _RECEIVER, "target_price", Test.NEGATIVE),
     Refusal("rejected", "stop_price must not be negative" + _RECEIVER, "stop_price", Test.NEGATIVE),
     Refusal("rejected", "confidence outside 0-100" + _RECEIVER, "confidence", Test.OUTSIDE, (0, 100)),
-    Refusal("rejected", "reasoning shorter than 20 characters" + _RECEIVER, "reasoning", Test.BETWEEN,
-            (1, 19), "text_length"),
+    Refusal("rejected", "reasoning shorter than 20 characters once stripped" + _RECEIVER, "reasoning",
+            Test.BETWEEN, (0, 19), "given_text_length"),
 )
 
 

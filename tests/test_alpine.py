@@ -12,7 +12,7 @@ from argo_signals.alpine import (REFUSALS, Kind, check_api_key, classify, parse_
 from argo_signals.breaker import Breaker, Prober
 from argo_signals.delivery import Redactor, safe_url
 
-texts = st.one_of(st.none(), st.text(max_size=30), st.sampled_from(["ß" * 10, "ß" * 11, " ﬃ ", "\u2003x\u2003"]))
+texts = st.one_of(st.none(), st.text(max_size=30), st.sampled_from(["ß" * 10, "ß" * 11, " ﬃ ", "\u2003x\u2003", "   ", "\u3000\u3000", ""]))
 numbers = st.one_of(st.none(), st.floats(-5, 120, allow_nan=False), st.sampled_from([0.0, 1.0, 100.0]))
 rows = st.fixed_dictionaries({
     "action": st.sampled_from(["BUY", "SELL", "NEUTRAL", "buy", "HOLD"]),

@@ -15,7 +15,7 @@ import urllib.parse
 import pytest
 
 from argo_signals import SignalTracker
-from argo_signals.alpine import classify
+from argo_signals.alpine import classify, refusal
 from argo_signals.delivery import Redactor
 
 from conftest import make_signal
@@ -133,6 +133,122 @@ def test_receiver_text_with_terminal_escapes_is_not_printed_raw(tmp_path):
     s = _cli("status", "--db", str(db))
     assert "\x1b" not in p.stdout + p.stderr
     assert "\x1b" not in s.stdout
+
+
+def test_whitespace_only_reasoning_is_refused_before_sending():
+    """Contract: reasoning present, non-empty and shorter than 20 characters after stripping is a
+    permanent 500.  '   ' is present and non-empty; it is sent and retried until `failed`."""
+    row = {"symbol": "AAPL", "action": "BUY", "entry_price": 1.0, "confidence": 70.0, "reasoning": "   "}
+    assert refusal(row) is not None
+
+
+
+@pytest.mark.parametrize("reasoning,refused", [("   ", True), ("\u3000\u3000", True), (" \n\t", True),
+                                               ("", False), (None, False), ("x" * 20, False),
+                                               (" " + "x" * 19 + " ", True)])
+def test_reasoning_is_refused_as_the_receiver_refuses_it_in_the_row_check_and_in_sql(tmp_path, reasoning, refused):
+    from argo_signals import store
+    from argo_signals.alpine import refusal_sql, register_sql_functions
+    row = {"symbol": "AAPL", "action": "BUY", "entry_price": 1.0, "confidence": 70.0, "reasoning": reasoning}
+    assert (refusal(row) is not None) == refused
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute("CREATE TABLE signals (id INTEGER PRIMARY KEY, action, symbol, entry_price, target_price, "
+                 "stop_price, confidence, reasoning, sync_status DEFAULT 'pending', sync_error, sync_claim)")
+    conn.execute("INSERT INTO signals (action, symbol, entry_price, confidence, reasoning) "
+                 "VALUES (:action, :symbol, :entry_price, :confidence, :reasoning)", row)
+    register_sql_functions(conn)
+    store.settle_refused(conn, refusal_sql())
+    status = conn.execute("SELECT sync_status FROM signals").fetchone()[0]
+    assert (status == "rejected") == refused
+
+# -- 3. the CLI: no traceback, no hang ------------------------------------------------------------
+def test_sync_timeout_nan_is_refused_not_a_hang(tmp_path):
+    db = _db_with(tmp_path)
+    try:
+        p = _cli("sync", "--db", str(db), "--alpine-url", "http://127.0.0.1:9", "--timeout", "nan", timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("argo-signals sync --timeout nan never ends")
+    assert p.returncode == 2
+
+
+@pytest.mark.parametrize("args", [
+    ["tail", "-f", "--interval", "-1"],
+    ["tail", "-n", "99999999999999999999999"],
+    ["report", "--json", "--since", "9999999999999d"],
+    ["tail", "-f", "--interval", "nan"],
+    ["tail", "-n", "-1"],
+    ["sync", "--alpine-url", "http://127.0.0.1:9", "--limit", "-1"],
+    ["sync", "--alpine-url", "http://127.0.0.1:9", "--timeout", "-1"],
+    ["sync", "--alpine-url", "http://127.0.0.1:9", "--timeout", "inf"],
+    ["demo", "--rate", "nan", "-n", "1"],
+])
+def test_bad_numbers_give_an_error_not_a_traceback(tmp_path, args):
+    db = _db_with(tmp_path)
+    p = _cli(*args, "--db", str(db), timeout=20)
+    assert "Traceback" not in p.stderr, p.stderr[-300:]
+    assert p.returncode != 0 and p.stderr.strip(), (p.returncode, p.stderr)
+
+
+@pytest.mark.parametrize("cmd", [["tail"], ["export"], ["verify"]])
+def test_invalid_utf8_in_the_database_gives_no_traceback(tmp_path, cmd):
+    db = _db_with(tmp_path, 2)
+    c = sqlite3.connect(str(db))
+    c.execute("UPDATE signals SET symbol = CAST(x'41ff42' AS TEXT) WHERE id = 1")
+    c.commit()
+    c.close()
+    p = _cli(*cmd, "--db", str(db))
+    assert "Traceback" not in p.stderr, p.stderr[-300:]
+    if cmd != ["verify"]:   # (verify rightly finds the row changed: exit 1)
+        assert p.returncode == 0 and ("A\ufffdB" in p.stdout or "A\\ufffdB" in p.stdout), p.stdout
+
+
+@pytest.mark.parametrize("cmd", [["tail", "--json"], ["export"], ["tail"], ["verify"],
+                                 ["export", "--format", "csv"]])
+def test_a_blob_in_the_database_gives_no_traceback(tmp_path, cmd):
+    db = _db_with(tmp_path, 2)
+    c = sqlite3.connect(str(db))
+    c.execute("UPDATE signals SET symbol = x'00ff' WHERE id = 1")
+    c.commit()
+    c.close()
+    p = _cli(*cmd, "--db", str(db))
+    assert "Traceback" not in p.stderr, p.stderr[-300:]
+
+
+@pytest.mark.parametrize("cmd", [["status"], ["tail"], ["verify"]])
+def test_a_foreign_signals_table_gives_no_traceback(tmp_path, cmd):
+    db = tmp_path / "foreign.db"
+    c = sqlite3.connect(str(db))
+    c.execute("CREATE TABLE signals (id INTEGER PRIMARY KEY, symbol TEXT)")
+    c.execute("INSERT INTO signals (symbol) VALUES ('A')")
+    c.commit()
+    c.close()
+    p = _cli(*cmd, "--db", str(db))
+    assert "Traceback" not in p.stderr, p.stderr[-300:]
+    assert p.returncode == 1 and "not an argo-signals database" in p.stderr, (p.returncode, p.stderr)
+
+
+def test_report_on_a_directory_gives_no_traceback(tmp_path):
+    p = _cli("report", "--db", str(tmp_path), "--out", str(tmp_path / "r.html"))
+    assert "Traceback" not in p.stderr, p.stderr[-300:]
+    assert p.returncode == 1 and "directory" in p.stderr, p.stderr
+
+
+def test_report_with_a_non_utf8_database_path_gives_no_traceback(tmp_path):
+    import os
+    db = os.path.join(os.fsencode(str(tmp_path)), b"bad\xff.db")
+    with SignalTracker(os.fsdecode(db), sync_enabled=False, register_atexit=False) as t:
+        t.log_signal(make_signal(1))
+    p = subprocess.run([os.fsencode(sys.executable), b"-m", b"argo_signals.cli", b"report", b"--db", db,
+                        b"--out", os.path.join(os.fsencode(str(tmp_path)), b"r.html")],
+                       capture_output=True, timeout=60)
+    assert b"Traceback" not in p.stderr, p.stderr[-300:]
+    assert p.returncode == 0, p.stderr
+
+
+def test_demo_with_a_bad_alpine_url_gives_no_traceback(tmp_path):
+    p = _cli("demo", "--db", str(tmp_path / "d.db"), "-n", "5", "-q", "--alpine-url", "ftp://x")
+    assert "Traceback" not in p.stderr, p.stderr[-300:]
+    assert p.returncode == 1 and "http://" in p.stderr, p.stderr
 
 
 def test_verify_does_not_print_terminal_escapes_from_a_signal_id(tmp_path):
