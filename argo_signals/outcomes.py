@@ -132,6 +132,8 @@ class Outcomes:
             self.error(f"{sid}: {detail}", persist=False)
             attempts = (row.get("sync_attempts") or 0) + 1
             delay = min(cfg.redelivery_max, cfg.redelivery_base * 2 ** max(0, attempts - 1))
+            if answer.retry_after is not None:  # the receiver's own wait is a floor (clamped)
+                delay = max(delay, min(answer.retry_after, cfg.max_retry_after))
             status = store.release(self._conn(), rid, self.token, detail, True, time.time() + delay,
                                    cfg.max_attempts)
             if status == "failed":

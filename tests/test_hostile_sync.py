@@ -135,6 +135,22 @@ def test_receiver_text_with_terminal_escapes_is_not_printed_raw(tmp_path):
     assert "\x1b" not in s.stdout
 
 
+def test_retry_after_is_a_floor_on_the_next_request(tmp_path):
+    """docs/sync.md: a Retry-After is a floor on the next wait, clamped to 30 s.  With 30 s the
+    row is released with the ordinary 5 s redelivery delay and sent again well before."""
+    srv = RawServer(lambda c, h, b: respond(c, 429, {"detail": "slow down"}, [("Retry-After", "30")]))
+    db = tmp_path / "r.db"
+    t = SignalTracker(str(db), alpine_url=srv.url, register_atexit=False, sync_workers=1)
+    try:
+        t.log_signal(make_signal(1))
+        t.flush(10)
+        time.sleep(16)
+        gaps = [b - a for a, b in zip(srv.posts, srv.posts[1:])]
+        assert all(g >= 29 for g in gaps), gaps
+    finally:
+        t.close(1)
+
+
 def test_whitespace_only_reasoning_is_refused_before_sending():
     """Contract: reasoning present, non-empty and shorter than 20 characters after stripping is a
     permanent 500.  '   ' is present and non-empty; it is sent and retried until `failed`."""
