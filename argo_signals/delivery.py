@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
@@ -21,7 +22,7 @@ from tenacity import (Retrying, retry_if_result, stop_after_attempt, stop_before
                       wait_exponential, wait_random)
 
 from .alpine import HEALTH_PATH, SIGNAL_PATH, Answer, Kind, classify
-from .breaker import Breaker
+from .breaker import Breaker, State
 from .safetext import clip, escape_controls
 
 __all__ = ["Redactor", "safe_url", "Delivery"]
@@ -29,6 +30,7 @@ __all__ = ["Redactor", "safe_url", "Delivery"]
 
 _HEX = "0123456789abcdefABCDEF"
 _JSON_ESCAPES = {"/": "/", "\\": "\\", '"': '"', "'": "'", "b": "", "f": "", "n": "", "r": "", "t": ""}
+BODY_LIMIT = 64 * 1024  # an answer is a few hundred bytes; more is dropped unread
 SHOWN_LIMIT = 300  # characters of an answer's text kept (logged, stored), cut after redaction
 MIN_PARTIAL = 4   # a cut text ending in this much of the key's start loses that end too
 
@@ -130,19 +132,20 @@ def safe_url(url: str) -> str:
 class _AbortableAdapter(HTTPAdapter):
     """Records every socket it opens so a stop can shut them down mid-read."""
 
-    def __init__(self, sockets: "weakref.WeakSet[socket.socket]") -> None:
+    def __init__(self, *sockets: "weakref.WeakSet[socket.socket]") -> None:
         self._sockets = sockets
         super().__init__(max_retries=0, pool_connections=1, pool_maxsize=2)
 
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **kw: Any) -> None:
         super().init_poolmanager(connections, maxsize, block, **kw)
-        sockets = self._sockets
+        sets = self._sockets
 
         def tracked(base: type) -> type:
             class Conn(base):  # type: ignore[misc,valid-type]
                 def _new_conn(self) -> socket.socket:  # noqa: D401
                     sock = super()._new_conn()
-                    sockets.add(sock)
+                    for known in sets:
+                        known.add(sock)
                     return sock
             return Conn
 
@@ -155,6 +158,88 @@ class _AbortableAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": SPool}
 
 
+def _shutdown(sockets: Iterable[socket.socket]) -> None:
+    for sock in list(sockets):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _Alarm:
+    """One armed deadline: ``expired`` once the watchdog has shut its sockets down."""
+
+    __slots__ = ("deadline", "sockets", "expired")
+
+    def __init__(self, deadline: float, sockets: "weakref.WeakSet[socket.socket]") -> None:
+        self.deadline = deadline
+        self.sockets = sockets
+        self.expired = False
+
+
+class Watchdog:
+    """Ends a request that passes its overall deadline (a body trickled one byte at a time
+    never trips the read timeout): one daemon thread shuts the worker's sockets down.  The
+    thread starts on demand and ends after a while with nothing armed."""
+
+    IDLE = 30.0
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._alarms: Set[_Alarm] = set()
+        self._running = False
+
+    def arm(self, seconds: float, sockets: "weakref.WeakSet[socket.socket]") -> _Alarm:
+        alarm = _Alarm(time.monotonic() + seconds, sockets)
+        with self._cond:
+            self._alarms.add(alarm)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._loop, name="argo-signals-deadline", daemon=True).start()
+            else:
+                self._cond.notify()
+        return alarm
+
+    def disarm(self, alarm: _Alarm) -> None:
+        with self._cond:
+            self._alarms.discard(alarm)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [a for a in self._alarms if a.deadline <= now]
+                for a in due:
+                    a.expired = True
+                    self._alarms.discard(a)
+                if not due:
+                    if not self._alarms:
+                        if not self._cond.wait(self.IDLE) and not self._alarms:
+                            self._running = False
+                            return
+                    else:
+                        self._cond.wait(min(a.deadline for a in self._alarms) - now)
+                    continue
+            for a in due:
+                _shutdown(a.sockets)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _read_capped(resp: requests.Response, limit: int) -> bytes:
+    """The body, read in pieces; more than ``limit`` bytes raises ``_TooLarge``."""
+    parts: List[bytes] = []
+    size = 0
+    for chunk in resp.iter_content(8192):  # (read to the end, the connection is kept alive)
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 @dataclass
 class _ThreadState:
     session: requests.Session
@@ -162,6 +247,7 @@ class _ThreadState:
     post: requests.PreparedRequest      # the signal request, body left out
     health: requests.PreparedRequest
     send_kw: Dict[str, Any]
+    sockets: "weakref.WeakSet[socket.socket]"   # this worker's own (for its deadline)
 
 
 class Delivery:
@@ -175,6 +261,9 @@ class Delivery:
         self._lock = threading.Lock()
         self._sessions: List[requests.Session] = []
         self._sockets: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+        self.watchdog = Watchdog()
+        self.deadline = float(sum(config.timeout)) if isinstance(config.timeout, (tuple, list)) \
+            else float(config.timeout)
 
     # -- per-thread session and prepared requests --------------------------------------------
     def _state(self) -> _ThreadState:
@@ -187,7 +276,8 @@ class Delivery:
         env = s.merge_environment_settings(cfg.alpine_url, {}, None, None, None)
         s.trust_env = False
         s.max_redirects = 0
-        adapter = _AbortableAdapter(self._sockets)
+        mine: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+        adapter = _AbortableAdapter(self._sockets, mine)
         s.mount("http://", adapter)
         s.mount("https://", adapter)
         s.headers.update({"Content-Type": "application/json", "User-Agent": "argo-signals"})
@@ -195,37 +285,52 @@ class Delivery:
             s.headers["X-API-Key"] = cfg.api_key
         post = s.prepare_request(requests.Request("POST", cfg.alpine_url + SIGNAL_PATH, data=b"{}"))
         health = s.prepare_request(requests.Request("GET", cfg.alpine_url + HEALTH_PATH))
-        send_kw = {"stream": False, "timeout": cfg.timeout, "cert": None,
+        send_kw = {"stream": True, "timeout": cfg.timeout, "cert": None,
                    "verify": env.get("verify", True) if cfg.alpine_url.startswith("https://") else True,
                    "proxies": dict(env.get("proxies") or {})}
-        st = self._local.state = _ThreadState(s, adapter, post, health, send_kw)
+        st = self._local.state = _ThreadState(s, adapter, post, health, send_kw, mine)
         with self._lock:
             self._sessions.append(s)
         return st
 
     def _exchange(self, req: requests.PreparedRequest, st: _ThreadState) -> Answer:
-        """One request through the adapter (never follows a redirect); never raises."""
+        """One request through the adapter (never follows a redirect); never raises.
+
+        The whole exchange (connect, headers, body) must end within ``deadline`` seconds and
+        the body may not exceed ``BODY_LIMIT`` bytes: past either it counts as a transient
+        attempt (the connection is dropped)."""
+        alarm = self.watchdog.arm(self.deadline, st.sockets)
+        answered = False
         try:
             resp = st.adapter.send(req, **st.send_kw)
             try:
-                content = resp.content
+                content = _read_capped(resp, BODY_LIMIT)
             finally:
                 resp.close()
             answer = classify(resp.status_code, resp.headers, content, resp.reason or "")
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            answer = Answer(Kind.UNREACHABLE, type(exc).__name__ + _cause(exc))
-        except Exception as exc:  # anything else we could not read is an attempt that counts
-            answer = Answer(Kind.TRANSIENT, f"unusable answer ({type(exc).__name__})")
-        else:
+            answered = True
+        except _TooLarge:
+            answer = Answer(Kind.TRANSIENT, f"answer larger than {BODY_LIMIT // 1024} KiB (dropped)")
+        except Exception as exc:
+            if alarm.expired:
+                answer = Answer(Kind.TRANSIENT, f"no complete answer within {self.deadline:g} s")
+            elif isinstance(exc, (requests.ConnectionError, requests.Timeout, urllib3.exceptions.TimeoutError,
+                                  urllib3.exceptions.ProtocolError)):
+                answer = Answer(Kind.UNREACHABLE, type(exc).__name__ + _cause(exc))
+            else:  # anything else we could not read is an attempt that counts
+                answer = Answer(Kind.TRANSIENT, f"unusable answer ({type(exc).__name__})")
+        finally:
+            self.watchdog.disarm(alarm)
+        if answered:
             self.breaker.success()
-        if answer.kind is Kind.UNREACHABLE:
-            self.breaker.failure(answer.detail)
+        elif answer.kind is Kind.UNREACHABLE or self.breaker.state is State.HALF_OPEN:
+            self.breaker.failure(answer.detail)  # (a trial without a usable answer opens it again)
         answer.detail = clip(escape_controls(self.redact(answer.detail)), SHOWN_LIMIT)
         return answer
 
-    def post(self, body: bytes) -> Answer:
-        """Post one body once."""
-        if self.breaker.is_open:
+    def post(self, body: bytes, trial: bool = False) -> Answer:
+        """Post one body once (``trial``: the one row let through while the breaker is half open)."""
+        if self.breaker.is_open and not trial:
             return Answer(Kind.UNREACHABLE, self.breaker.reason)
         st = self._state()
         req = st.post.copy()
@@ -236,12 +341,17 @@ class Delivery:
     def probe(self) -> Optional[str]:
         """Ask the health endpoint once: None if the receiver answered (any status), else why not."""
         st = self._state()
+        alarm = self.watchdog.arm(self.deadline, st.sockets)
         try:
             resp = st.adapter.send(st.health.copy(), **st.send_kw)
             resp.close()
             return None
         except Exception as exc:
+            if alarm.expired:
+                return f"no answer within {self.deadline:g} s"
             return escape_controls(self.redact(type(exc).__name__ + _cause(exc)))
+        finally:
+            self.watchdog.disarm(alarm)
 
     # -- one row, with retries -------------------------------------------------------------------
     def _again(self, answer: Answer) -> bool:
@@ -263,13 +373,13 @@ class Delivery:
     def _count_retry(self, rs: Any) -> None:
         self.retries += 1
 
-    def send(self, body: bytes) -> Answer:
+    def send(self, body: bytes, trial: bool = False) -> Answer:
         """Post with bounded, interruptible retries; returns the last answer (never raises).
 
         The first request goes straight out; only a transient answer builds the retry loop.
         """
-        first = self.post(body)
-        if not self._again(first):
+        first = self.post(body, trial)
+        if trial or not self._again(first):
             return first
         cfg = self.config
         answers: Iterator[Answer] = iter((first,))
@@ -287,11 +397,7 @@ class Delivery:
     # -- stop ------------------------------------------------------------------------------------
     def abort(self) -> None:
         """Shut down every socket (a request hanging in a read ends at once)."""
-        for sock in list(self._sockets):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _shutdown(self._sockets)
 
     def close(self) -> None:
         with self._lock:

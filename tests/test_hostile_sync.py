@@ -135,6 +135,67 @@ def test_receiver_text_with_terminal_escapes_is_not_printed_raw(tmp_path):
     assert "\x1b" not in s.stdout
 
 
+def test_a_trickling_body_does_not_hold_a_delivery_past_the_overall_timeout(tmp_path):
+    """One byte every 1.5 s: the read timeout never fires; the delivery never ends."""
+    def trickle(c, h, b):
+        c.sendall(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 9999\r\n\r\n")
+        for _ in range(100):
+            c.sendall(b" ")
+            time.sleep(1.5)
+    srv = RawServer(trickle)
+    db = tmp_path / "t.db"
+    t = SignalTracker(str(db), alpine_url=srv.url, register_atexit=False, sync_workers=1,
+                      sync_timeout=(1.0, 2.0), sync_retry_budget=3.0)
+    try:
+        t.log_signal(make_signal(1))
+        t.flush(10)
+        time.sleep(12)   # connect 1 s + read 2 s, budget 3 s: an answer is long overdue
+        assert t.stats()["sync_last_error"] is not None or len(srv.posts) > 1, "delivery still hanging"
+    finally:
+        t.close(1)
+
+
+
+def test_an_endless_body_is_cut_at_the_cap_and_counts_as_an_attempt(tmp_path):
+    """An endless chunked body was read into memory (about 1 GB in the review)."""
+    def endless(c, h, b):
+        c.sendall(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+        try:
+            for _ in range(200_000):
+                c.sendall(chunk)
+        except OSError:
+            pass
+    srv = RawServer(endless)
+    db = tmp_path / "e.db"
+    t = SignalTracker(str(db), alpine_url=srv.url, register_atexit=False, sync_workers=1,
+                      sync_timeout=(1.0, 30.0), sync_retry_budget=0.5)
+    try:
+        t.log_signal(make_signal(1))
+        t.flush(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and "larger than" not in (t.stats()["sync_last_error"] or ""):
+            time.sleep(0.1)
+        assert "larger than 64 KiB" in (t.stats()["sync_last_error"] or ""), t.stats()["sync_last_error"]
+    finally:
+        t.close(1)
+    assert sqlite3.connect(str(db)).execute("SELECT sync_attempts FROM signals").fetchone()[0] >= 1
+
+
+@pytest.mark.parametrize("kw", [{}, {"workers": 1, "retry_budget": 0.1}, {"timeout": (1.0, 2.0), "workers": 8},
+                                {"timeout": (5.0, 60.0), "retry_budget": 300.0}])
+def test_the_claim_lease_outlives_the_longest_delivery_of_its_rows(tmp_path, kw):
+    """A lease shorter than a delivery lets another claimer re-post a row still in flight."""
+    from argo_signals.sync import Syncer, SyncConfig
+    cfg = SyncConfig("http://127.0.0.1:9", **kw)
+    s = Syncer(str(tmp_path / "l.db"), cfg)
+    try:
+        one = sum(cfg.timeout) + cfg.retry_budget + cfg.max_backoff + sum(cfg.timeout)  # first + retries + last
+        queued = s.max_inflight / cfg.workers                                             # rows ahead in the queue
+        assert s.lease > queued * one, (s.lease, queued * one)
+    finally:
+        s.stop(0.1)
+
 def test_retry_after_is_a_floor_on_the_next_request(tmp_path):
     """docs/sync.md: a Retry-After is a floor on the next wait, clamped to 30 s.  With 30 s the
     row is released with the ordinary 5 s redelivery delay and sent again well before."""
@@ -276,3 +337,27 @@ def test_verify_does_not_print_terminal_escapes_from_a_signal_id(tmp_path):
     p = _cli("verify", "--db", str(db))
     assert "\x1b" not in p.stdout
 
+
+def test_a_slow_receiver_gives_one_warning_not_a_flapping_breaker(tmp_path, caplog):
+    """Health answers at once, POSTs answer after the read timeout: the breaker opens, the probe
+    closes it, the rows time out again...  one WARNING + one INFO every ~2 s, for ever."""
+    import logging
+
+    def slow(c, h, b):
+        if h.startswith(b"GET"):
+            return respond(c, 200, {"status": "healthy"})
+        time.sleep(3)
+        respond(c, 201, {"status": "success"})
+    srv = RawServer(slow)
+    t = SignalTracker(str(tmp_path / "f.db"), alpine_url=srv.url, register_atexit=False,
+                      sync_timeout=(1.0, 2.0))
+    try:
+        with caplog.at_level(logging.INFO, logger="argo_signals"):
+            for i in range(20):
+                t.log_signal(make_signal(i))
+            t.flush(10)
+            time.sleep(15)
+        outages = [r for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(outages) <= 1, f"{len(outages)} outage WARNINGs in 15 s"
+    finally:
+        t.close(1)
