@@ -682,8 +682,9 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
          limit: Optional[int], timeout: float, as_json: bool, quiet: bool) -> None:
     """Push pending rows to Alpine now, due or not; exit 0 only if every row taken settled.
 
-    Exit 1: some rows were rejected or not synced yet, or the receiver is misconfigured (a
-    redirect, a refused key); exit 3: the receiver was unreachable for --timeout seconds.
+    Exit 1: some rows were rejected or not synced yet (answers that settled nothing included),
+    or the receiver is misconfigured (a redirect, a refused key); exit 3: nothing answered for
+    --timeout seconds.
     """
     from . import store
     from .drain import End, drain
@@ -711,7 +712,7 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
     with _progress(todo, "syncing", quiet) as bar:
         report = drain(syncer, limit=limit, patience=timeout, progress=bar.update)
     syncer.stop(5.0)
-    outcomes = report.outcomes
+    outcomes = dict(syncer.outcomes.counts)  # (answers in flight at the end are recorded by stop())
     st = sync_state(db_path)
     taken = sum(outcomes[k] for k in ("synced", "skipped", "rejected", "transient"))
     unsettled = outcomes["rejected"] > 0 or outcomes["transient"] > 0 or report.end is not End.DONE
@@ -726,13 +727,14 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
         text += (f"\ngave up: Alpine unreachable at {config.public_url} for {report.waited:.0f} s "
                  f"({report.detail}); {st['sync_pending']} rows stay pending")
     elif report.end is End.STALLED:
-        text += f"\ngave up: nothing got through for {report.waited:.0f} s; {st['sync_pending']} rows stay pending"
+        text += (f"\ngave up: Alpine answered but no row settled for {report.waited:.0f} s; "
+                 f"{st['sync_pending']} rows stay pending; last error: {syncer.last_error}")
     elif report.end is End.CONFIGURATION:
         text += f"\nstopped: {report.detail}; {st['sync_pending']} rows stay pending"
     elif unsettled and syncer.last_error:
         text += f"\n  last error: {syncer.last_error}"
     _emit(data, as_json, text)
-    if report.end in (End.UNREACHABLE, End.STALLED):
+    if report.end is End.UNREACHABLE:
         sys.exit(3)
     if unsettled:
         sys.exit(1)

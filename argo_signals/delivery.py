@@ -257,6 +257,7 @@ class Delivery:
         self.stopping = stopping
         self.redact = redact
         self.retries = 0
+        self.answered = 0       # HTTP answers received (any status)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._sessions: List[requests.Session] = []
@@ -322,6 +323,7 @@ class Delivery:
         finally:
             self.watchdog.disarm(alarm)
         if answered:
+            self.answered += 1
             self.breaker.success()
         elif answer.kind is Kind.UNREACHABLE or self.breaker.state is State.HALF_OPEN:
             self.breaker.failure(answer.detail)  # (a trial without a usable answer opens it again)

@@ -300,8 +300,8 @@ class Syncer:
             answer = Answer(Kind.TRANSIENT, f"could not deliver ({type(exc).__name__}: {exc})")
         if generation != self._generation:
             return  # claimed from a database file that has been replaced since
-        if answer.kind in (Kind.TRANSIENT, Kind.UNREACHABLE) and self._stopping.is_set():
-            self.outcomes.interrupted(row)
+        if answer.kind is Kind.UNREACHABLE and self._stopping.is_set():
+            self.outcomes.interrupted(row)  # (an answer that did come is recorded, even now)
             return
         self.outcomes.record(generation, row, answer, self.breaker.is_open, self.forced_after is not None)
         if answer.kind in (Kind.AUTH, Kind.REDIRECT):
