@@ -214,6 +214,7 @@ class Kind(str, enum.Enum):
     REJECTED = "rejected"        # refused for good for this payload
     AUTH = "auth"                # the key is refused: configuration
     REDIRECT = "redirect"        # a 3xx: configuration (never followed)
+    ENDPOINT = "endpoint"        # 404/405: no such endpoint at that URL: configuration
     TRANSIENT = "transient"      # try again later (capped)
     UNREACHABLE = "unreachable"  # no answer at all (connection refused, timeout)
 
@@ -285,6 +286,8 @@ def classify(status: int, headers: Mapping[str, str], content: bytes, reason: st
     detail = _detail(status, reason, content)
     if status in (401, 403):
         return Answer(Kind.AUTH, detail)
+    if status in (404, 405):  # the receiver answers 400/422 about a payload, never these
+        return Answer(Kind.ENDPOINT, detail)
     if status in RETRYABLE_STATUS:
         return Answer(Kind.TRANSIENT, detail, parse_retry_after(headers.get("Retry-After")))
     if 400 <= status < 500:

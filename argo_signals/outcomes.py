@@ -46,7 +46,8 @@ class Outcomes:
         self.redact = redact
         self.where = where                      # the receiver's URL, without credentials
         self.counts: Dict[str, int] = {"synced": 0, "rejected": 0, "skipped": 0, "auth": 0,
-                                       "redirect": 0, "transient": 0, "unreachable": 0}
+                                       "redirect": 0, "endpoint": 0, "transient": 0, "unreachable": 0}
+        self._transient_warned = False         # one WARNING per streak of transient answers
         self.handled = 0                        # rows done with for now (for progress bars)
         self.last_error: Optional[str] = None
         self.config_error: Optional[str] = None  # a 3xx or 401/403 answer, until a row syncs again
@@ -101,13 +102,14 @@ class Outcomes:
             self._settle(generation, rid, "synced", None)
             with self._count_lock:
                 was, self.config_error = self.config_error, None
+                self._transient_warned = False
             if was is not None:
                 log.warning("Alpine at %s accepts the signals again", self.where)
         elif kind is Kind.REJECTED:
             self._count("rejected")
             self._settle(generation, rid, "rejected", detail)
             log.warning("signal %s rejected by Alpine: %s", sid, detail)
-        elif kind in (Kind.AUTH, Kind.REDIRECT):
+        elif kind in (Kind.AUTH, Kind.REDIRECT, Kind.ENDPOINT):
             self._count(kind.value, handled=False)
             with self._count_lock:  # several workers get the same answer at once: one ERROR
                 first, self.config_error = self.config_error is None, detail
@@ -115,6 +117,9 @@ class Outcomes:
                 if kind is Kind.AUTH:
                     log.error("Alpine at %s refused the API key (%s); signals stay pending; check ARGO_API_KEY",
                               self.where, detail)
+                elif kind is Kind.ENDPOINT:
+                    log.error("Alpine at %s has no signal endpoint there (%s); set ALPINE_API_URL to the "
+                              "receiver's base URL (without /api/...); signals stay pending", self.where, detail)
                 else:
                     log.error("Alpine at %s answered %s; redirects are not followed (the key must not go "
                               "elsewhere): set ALPINE_API_URL to the final address; signals stay pending",
@@ -141,7 +146,13 @@ class Outcomes:
                 log.error("signal %s failed to sync after %d attempts (%s); `argo-signals sync "
                           "--retry-failed` re-queues it", sid, attempts, detail)
             else:
-                log.warning("signal %s not synced yet (%s); due again in %.0fs", sid, detail, delay)
+                with self._count_lock:  # a flood of 429/503: one WARNING until a row syncs again
+                    first, self._transient_warned = not self._transient_warned, True
+                if first:
+                    log.warning("signal %s not synced yet (%s); due again in %.0fs (until a signal syncs, "
+                                "further ones are logged at DEBUG)", sid, detail, delay)
+                else:
+                    log.debug("signal %s not synced yet (%s); due again in %.0fs", sid, detail, delay)
 
     def interrupted(self, row: Dict[str, Any]) -> None:
         """A row claimed but not sent (stopping): back to pending as it was."""

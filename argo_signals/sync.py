@@ -304,7 +304,7 @@ class Syncer:
             self.outcomes.interrupted(row)  # (an answer that did come is recorded, even now)
             return
         self.outcomes.record(generation, row, answer, self.breaker.is_open, self.forced_after is not None)
-        if answer.kind in (Kind.AUTH, Kind.REDIRECT):
+        if answer.kind in (Kind.AUTH, Kind.REDIRECT, Kind.ENDPOINT):
             self._paused_until = time.monotonic() + self.config.auth_pause
         elif answer.kind is Kind.UNREACHABLE and self.breaker.is_open:
             with self._lock:  # the drain takes it again once the receiver answers

@@ -384,3 +384,35 @@ def test_a_slow_receiver_gives_one_warning_not_a_flapping_breaker(tmp_path, capl
         assert not [r for r in caplog.records if "answers again" in r.getMessage()]
     finally:
         t.close(1)
+
+
+def test_a_wrong_base_url_is_a_configuration_error_not_a_rejection_of_every_row(tmp_path):
+    """404/405 answer a path that does not exist (a wrong ALPINE_API_URL): every row was
+    marked `rejected` for good."""
+    db = _db_with(tmp_path, 3)
+    srv = RawServer(lambda c, h, b: respond(c, 404, {"detail": "Not Found"}))
+    p = _cli("sync", "--db", str(db), "--alpine-url", srv.url, "--timeout", "5", "-q")
+    got = sqlite3.connect(str(db)).execute("SELECT sync_status, sync_attempts FROM signals").fetchall()
+    assert got == [("pending", 0)] * 3, got
+    assert p.returncode == 1 and p.stderr.count("ERROR") == 1 and "ALPINE_API_URL" in p.stderr, p.stderr
+
+
+def test_a_flood_of_503_gives_one_warning_not_one_per_row(tmp_path, caplog):
+    import logging
+    srv = RawServer(lambda c, h, b: respond(c, 503, {"detail": "busy"}))
+    db = tmp_path / "flood.db"
+    t = SignalTracker(str(db), alpine_url=srv.url, register_atexit=False, sync_retry_budget=0.3)
+    try:
+        with caplog.at_level(logging.INFO, logger="argo_signals"):
+            for i in range(12):
+                t.log_signal(make_signal(i))
+            t.flush(10)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and sqlite3.connect(str(db)).execute(
+                    "SELECT count(*) FROM signals WHERE sync_attempts = 0").fetchone()[0]:
+                time.sleep(0.1)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "not synced yet" in r.getMessage()]
+        assert sqlite3.connect(str(db)).execute("SELECT min(sync_attempts) FROM signals").fetchone()[0] >= 1
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    finally:
+        t.close(1)
