@@ -159,7 +159,7 @@ def test_a_trickling_body_does_not_hold_a_delivery_past_the_overall_timeout(tmp_
 
 
 def test_an_endless_body_is_cut_at_the_cap_and_counts_as_an_attempt(tmp_path):
-    """An endless chunked body was read into memory (about 1 GB in the review)."""
+    """An endless chunked body was read into memory (about 1 GB before it was cut)."""
     def endless(c, h, b):
         c.sendall(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
