@@ -64,8 +64,10 @@ def receiver_hash(body: Mapping[str, Any]) -> str:
 
 
 # -- what the receiver refuses for good ----------------------------------------------------------
-def _text_length(value: Any) -> Optional[int]:
-    return None if value is None else len(str(value).strip())
+def _given_text_length(value: Any) -> Optional[int]:
+    """The stripped length of a text that is given and not empty (the receiver's
+    ``if reasoning and len(reasoning.strip()) < 20``); None when absent or ``""``."""
+    return None if value is None or str(value) == "" else len(str(value).strip())
 
 
 def _upper_text_length(value: Any) -> Optional[int]:
@@ -78,7 +80,7 @@ def _upper(value: Any) -> Optional[str]:
 
 # How a column is measured before its test: the same function in Python and (registered) in SQL.
 _MEASURES: Dict[str, Callable[[Any], Any]] = {
-    "upper": _upper, "text_length": _text_length, "upper_text_length": _upper_text_length,
+    "upper": _upper, "upper_text_length": _upper_text_length, "given_text_length": _given_text_length,
 }
 
 
@@ -147,8 +149,8 @@ REFUSALS: Tuple[Refusal, ...] = (
     Refusal("rejected", "target_price must not be negative" + _RECEIVER, "target_price", Test.NEGATIVE),
     Refusal("rejected", "stop_price must not be negative" + _RECEIVER, "stop_price", Test.NEGATIVE),
     Refusal("rejected", "confidence outside 0-100" + _RECEIVER, "confidence", Test.OUTSIDE, (0, 100)),
-    Refusal("rejected", "reasoning shorter than 20 characters" + _RECEIVER, "reasoning", Test.BETWEEN,
-            (1, 19), "text_length"),
+    Refusal("rejected", "reasoning shorter than 20 characters once stripped" + _RECEIVER, "reasoning",
+            Test.BETWEEN, (0, 19), "given_text_length"),
 )
 
 
@@ -212,6 +214,7 @@ class Kind(str, enum.Enum):
     REJECTED = "rejected"        # refused for good for this payload
     AUTH = "auth"                # the key is refused: configuration
     REDIRECT = "redirect"        # a 3xx: configuration (never followed)
+    ENDPOINT = "endpoint"        # 404/405: no such endpoint at that URL: configuration
     TRANSIENT = "transient"      # try again later (capped)
     UNREACHABLE = "unreachable"  # no answer at all (connection refused, timeout)
 
@@ -223,6 +226,7 @@ class Answer:
     retry_after: Optional[float] = None
 
 
+DETAIL_LIMIT = 4000   # characters of an answer kept for redaction (the shown text is shorter)
 _DIGITS = re.compile(r"[0-9]{1,9}")
 
 
@@ -264,8 +268,9 @@ def _detail(status: int, reason: str, content: bytes) -> str:
         except Exception:
             text = "(unreadable detail)"
     else:
-        text = content[:400].decode("utf-8", "replace")
-    return f"HTTP {status}: " + (text.strip() or reason or "").strip()[:200]
+        text = content[:DETAIL_LIMIT].decode("utf-8", "replace")
+    # cut generously here; the sender redacts the key and only then cuts to what it shows
+    return f"HTTP {status}: " + (text.strip() or reason or "").strip()[:DETAIL_LIMIT]
 
 
 def classify(status: int, headers: Mapping[str, str], content: bytes, reason: str = "") -> Answer:
@@ -281,6 +286,8 @@ def classify(status: int, headers: Mapping[str, str], content: bytes, reason: st
     detail = _detail(status, reason, content)
     if status in (401, 403):
         return Answer(Kind.AUTH, detail)
+    if status in (404, 405):  # the receiver answers 400/422 about a payload, never these
+        return Answer(Kind.ENDPOINT, detail)
     if status in RETRYABLE_STATUS:
         return Answer(Kind.TRANSIENT, detail, parse_retry_after(headers.get("Retry-After")))
     if 400 <= status < 500:

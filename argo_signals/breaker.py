@@ -2,8 +2,11 @@
 
 After ``threshold`` consecutive connection failures or timeouts it opens: the sync stops
 sending rows and a single probe asks the receiver on an exponential schedule (``probe_base``
-doubling up to ``probe_max``).  Any HTTP answer closes it again.  Thread-safe; the clock is
-injectable for tests.
+doubling up to ``probe_max``).  When the health endpoint answers, the breaker is *half open*:
+one row goes out as a trial.  An HTTP answer to that trial closes the breaker; a failure or
+timeout opens it again, and the probing goes on where its schedule was (a receiver whose
+health check answers but whose posts time out is one outage, not a flapping breaker).
+Thread-safe; the clock is injectable for tests.
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ __all__ = ["State", "Breaker", "Prober"]
 
 
 class State(str, enum.Enum):
-    CLOSED = "closed"   # sending normally
-    OPEN = "open"       # unreachable: only the probe asks
+    CLOSED = "closed"         # sending normally
+    OPEN = "open"             # unreachable: only the probe asks
+    HALF_OPEN = "half_open"   # the probe got an answer: one row goes out as a trial
 
 
 class Breaker:
@@ -33,16 +37,50 @@ class Breaker:
         self.opened_at: Optional[float] = None
         self.reason = ""
         self._probes = 0
+        self._trial_out = False
+        self.changed = threading.Event()   # set when a trial settles (closed, or open again)
 
     @property
     def is_open(self) -> bool:
-        return self.state is State.OPEN
+        """Rows must not be sent (open, or half open with its trial taken or not)."""
+        return self.state is not State.CLOSED
+
+    def half_open(self) -> bool:
+        """The probe got an answer: let one trial row through.  False unless it was open."""
+        with self._lock:
+            if self.state is not State.OPEN:
+                return False
+            self.state = State.HALF_OPEN
+            self._trial_out = False
+            self.changed.clear()
+            return True
+
+    def take_trial(self) -> bool:
+        """True for the one caller that may send the trial row while half open."""
+        with self._lock:
+            if self.state is not State.HALF_OPEN or self._trial_out:
+                return False
+            self._trial_out = True
+            return True
+
+    def return_trial(self) -> None:
+        """The trial was taken but nothing was sent (the row needed no request)."""
+        with self._lock:
+            self._trial_out = False
+
+    @property
+    def trial_free(self) -> bool:
+        return self.state is State.HALF_OPEN and not self._trial_out
 
     def failure(self, reason: str) -> bool:
         """Record a connection failure or timeout; True if this one opened the breaker."""
         with self._lock:
             self.reason = reason
             if self.state is State.OPEN:
+                return False
+            if self.state is State.HALF_OPEN:  # the trial failed: open again, same outage
+                self.state = State.OPEN
+                self.changed.set()
                 return False
             self.failures += 1
             if self.failures < self.threshold:
@@ -60,6 +98,7 @@ class Breaker:
                 return False
             self.state = State.CLOSED
             self.opened_at = None
+            self.changed.set()
             return True
 
     def next_probe_delay(self) -> float:
@@ -83,12 +122,14 @@ class Prober:
     """
 
     def __init__(self, breaker: Breaker, ask: Callable[[], Optional[str]], stopping: threading.Event,
-                 on_open: Callable[[str], None], on_answer: Callable[[float], None]) -> None:
+                 on_open: Callable[[str], None], on_answer: Callable[[float], None],
+                 on_trial: Callable[[], None] = lambda: None) -> None:
         self.breaker = breaker
         self.ask = ask
         self.stopping = stopping
         self.on_open = on_open
         self.on_answer = on_answer
+        self.on_trial = on_trial
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
 
@@ -101,16 +142,29 @@ class Prober:
         self.on_open(self.breaker.reason)
         self._thread.start()
 
+    def _wait_trial(self) -> bool:
+        """Wait until the trial row settles (the breaker closes or opens again); True when the
+        sync stops."""
+        while not self.breaker.changed.wait(0.05):
+            if self.stopping.is_set():
+                return True
+        return False
+
     def _loop(self) -> None:
         started = self.breaker.clock()
         try:
             while not self.stopping.wait(self.breaker.next_probe_delay()):
-                if self.breaker.is_open:  # (a delivery may have got an answer meanwhile)
+                if self.breaker.state is State.OPEN:  # (a delivery may have got an answer meanwhile)
                     why = self.ask()
                     if why is not None:
                         self.breaker.reason = why
                         continue
-                    self.breaker.success()
+                    if self.breaker.half_open():
+                        self.on_trial()
+                        if self._wait_trial():
+                            return
+                if self.breaker.state is State.OPEN:
+                    continue  # the trial failed: the same outage, the schedule goes on
                 self.on_answer(self.breaker.clock() - started)
                 return
         finally:

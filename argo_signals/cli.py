@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -21,6 +22,7 @@ import click
 from . import spill
 from .config import env_flag
 from .outcomes import read_last_error
+from .safetext import escape_controls
 from .signal import FIELDS, HASH_FIELDS, RESERVED_COLUMNS, SignalValidationError, alpine_hash, normalise, recheck
 from .sink import UNSAVED_PREFIX
 from .stats import percentile
@@ -42,15 +44,44 @@ def db_option(f: _F) -> _F:
         return f(*args, db_path=db_path, **kwargs)
     return wrapper  # type: ignore[return-value]
 
+class Number(click.ParamType):
+    """A finite number of at least ``low`` (and at most ``high``): ``nan``, ``inf``, negative or
+    huge values are refused with one line instead of hanging or overflowing later."""
+
+    def __init__(self, kind: type, low: float = 0, high: float = 1e9) -> None:
+        self.kind, self.low, self.high = kind, low, high
+        self.name = "integer" if kind is int else "number"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        number: Any
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = self.kind(str(value).strip())
+            except (TypeError, ValueError, OverflowError):
+                self.fail(f"{value!r} is not a valid {self.name}", param, ctx)
+        if not (isinstance(number, int) or math.isfinite(number)) or not self.low <= number <= self.high:
+            self.fail(f"{value!r} is not a finite {self.name} in [{self.low:g}, {self.high:g}]", param, ctx)
+        return number
+
+
+SECONDS = Number(float)
+COUNT = Number(int, 0, 2 ** 62)
+POSITIVE = Number(int, 1, 2 ** 62)
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 
 
 def _emit(data: Any, as_json: bool, text: Optional[str] = None) -> None:
+    """Print ``data`` as JSON or ``text``; control characters that came from the database or
+    the receiver are shown as escapes, line by line (the text's own line breaks stay)."""
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
+        click.echo(json.dumps(data, indent=2, default=_json_value))
     else:
-        click.echo(text if text is not None else "\n".join(f"{k}: {v}" for k, v in data.items()))
+        text = text if text is not None else "\n".join(f"{k}: {v}" for k, v in data.items())
+        click.echo("\n".join(escape_controls(line) for line in text.split("\n")))
 
 
 @contextmanager
@@ -67,6 +98,17 @@ def _progress(length: Optional[int], label: str, quiet: bool) -> Iterator[Any]:
         yield bar
 
 
+_NEEDED_COLUMNS = ("id", "signal_id", "symbol", "action", "entry_price", "target_price", "stop_price",
+                   "confidence", "strategy", "timestamp", "sha256", "sync_status", "created_at")
+
+
+def _json_value(value: Any) -> Any:
+    """``json.dumps``' fallback: a BLOB (another program's write) as its SQL literal ``x'..'``."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"x'{bytes(value).hex()}'"
+    return str(value)
+
+
 def _open_existing(db_path: str) -> sqlite3.Connection:
     if not os.path.exists(db_path):
         raise click.ClickException(f"no database at {db_path}")
@@ -75,8 +117,10 @@ def _open_existing(db_path: str) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise click.ClickException(f"cannot open {db_path} ({exc})") from None
     conn.row_factory = sqlite3.Row
+    # text that is not valid UTF-8 (written by another program) is shown with U+FFFD, not raised
+    conn.text_factory = lambda b: b.decode("utf-8", "replace")
     try:
-        conn.execute("SELECT 1 FROM signals LIMIT 1")
+        conn.execute(f"SELECT {', '.join(_NEEDED_COLUMNS)} FROM signals LIMIT 1")
     except sqlite3.Error as exc:
         conn.close()
         raise click.ClickException(f"{db_path} is not an argo-signals database ({exc})") from None
@@ -103,9 +147,9 @@ def main(ctx: click.Context, verbose: bool, db_path: Optional[str]) -> None:
 # -- demo ---------------------------------------------------------------------------------------
 @main.command()
 @db_option
-@click.option("--count", "-n", default=2000, show_default=True, help="Signals to log in all.")
-@click.option("--producers", "-k", default=4, show_default=True, help="Producer threads.")
-@click.option("--rate", default=0.0, show_default=True, help="Signals per second per producer (0: as fast as possible).")
+@click.option("--count", "-n", type=POSITIVE, default=2000, show_default=True, help="Signals to log in all.")
+@click.option("--producers", "-k", type=Number(int, 1, 10_000), default=4, show_default=True, help="Producer threads.")
+@click.option("--rate", type=SECONDS, default=0.0, show_default=True, help="Signals per second per producer (0: as fast as possible).")
 @click.option("--alpine-url", default=None, help="Also sync to this Alpine base URL.")
 @json_option
 @quiet_option
@@ -117,7 +161,10 @@ def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opti
 
     if count < 1 or producers < 1:
         raise click.BadParameter("--count and --producers must be >= 1")
-    tracker = SignalTracker(db_path, alpine_url=alpine_url, register_atexit=False)
+    try:
+        tracker = SignalTracker(db_path, alpine_url=alpine_url, register_atexit=False)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     call_us: List[float] = []
     lock = threading.Lock()
     shares = [count // producers + (1 if k < count % producers else 0) for k in range(producers)]
@@ -491,10 +538,10 @@ def _table(records: List[sqlite3.Row]) -> Tuple[str, List[int]]:
 
 @main.command()
 @db_option
-@click.option("-n", "limit", default=20, show_default=True, help="How many rows.")
+@click.option("-n", "limit", type=COUNT, default=20, show_default=True, help="How many rows.")
 @click.option("--symbol", default=None, help="Only this symbol.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new rows until Ctrl-C.")
-@click.option("--interval", default=1.0, show_default=True, help="Polling interval for --follow (s).")
+@click.option("--interval", type=SECONDS, default=1.0, show_default=True, help="Polling interval for --follow (s).")
 @json_option
 def tail(db_path: str, limit: int, symbol: Optional[str], follow: bool, interval: float, as_json: bool) -> None:
     """The newest signals as a table."""
@@ -505,7 +552,7 @@ def tail(db_path: str, limit: int, symbol: Optional[str], follow: bool, interval
     widths = list(_TAIL_WIDTHS)
     if as_json:
         for r in recs:
-            click.echo(json.dumps(dict(r)))
+            click.echo(json.dumps(dict(r), default=_json_value))
     else:
         text, widths = _table(recs)
         click.echo(text)
@@ -516,7 +563,7 @@ def tail(db_path: str, limit: int, symbol: Optional[str], follow: bool, interval
             cond = "WHERE id > ?" + (" AND symbol = ?" if symbol else "")
             new = conn.execute(f"SELECT * FROM signals {cond} ORDER BY id", [last] + ([symbol] if symbol else [])).fetchall()
             for r in new:
-                click.echo(json.dumps(dict(r)) if as_json else _line([_cell(r[c]) for c in TAIL_COLUMNS], widths))
+                click.echo(json.dumps(dict(r), default=_json_value) if as_json else _line([_cell(r[c]) for c in TAIL_COLUMNS], widths))
                 last = r["id"]
     except KeyboardInterrupt:
         pass
@@ -570,7 +617,7 @@ def export(db_path: str, fmt: str, since: Optional[str], until: Optional[str], s
         if writer:
             writer.writerow(["" if v is None else v if raw else escape_cell(v) for v in rec])
         else:
-            output.write(json.dumps(dict(zip(cols, rec))) + "\n")
+            output.write(json.dumps(dict(zip(cols, rec)), default=_json_value) + "\n")
         n += 1
     conn.close()
     click.echo(f"exported {n} signals", err=True)
@@ -626,8 +673,8 @@ def report(db_path: str, out_path: str, since: Optional[str], strategy: Optional
 @click.option("--alpine-url", default=None, help="Alpine base URL (default $ALPINE_API_URL).")
 @click.option("--retry-rejected", is_flag=True, help="Put rejected rows back to pending first.")
 @click.option("--retry-failed", is_flag=True, help="Put failed rows back to pending first.")
-@click.option("--limit", type=int, default=None, help="Take at most this many rows.")
-@click.option("--timeout", type=float, default=30.0, show_default=True,
+@click.option("--limit", type=COUNT, default=None, help="Take at most this many rows.")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True,
               help="Give up when nothing has got through for this many seconds.")
 @json_option
 @quiet_option
@@ -635,8 +682,9 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
          limit: Optional[int], timeout: float, as_json: bool, quiet: bool) -> None:
     """Push pending rows to Alpine now, due or not; exit 0 only if every row taken settled.
 
-    Exit 1: some rows were rejected or not synced yet, or the receiver is misconfigured (a
-    redirect, a refused key); exit 3: the receiver was unreachable for --timeout seconds.
+    Exit 1: some rows were rejected or not synced yet (answers that settled nothing included),
+    or the receiver is misconfigured (a redirect, a refused key); exit 3: nothing answered for
+    --timeout seconds.
     """
     from . import store
     from .drain import End, drain
@@ -664,7 +712,7 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
     with _progress(todo, "syncing", quiet) as bar:
         report = drain(syncer, limit=limit, patience=timeout, progress=bar.update)
     syncer.stop(5.0)
-    outcomes = report.outcomes
+    outcomes = dict(syncer.outcomes.counts)  # (answers in flight at the end are recorded by stop())
     st = sync_state(db_path)
     taken = sum(outcomes[k] for k in ("synced", "skipped", "rejected", "transient"))
     unsettled = outcomes["rejected"] > 0 or outcomes["transient"] > 0 or report.end is not End.DONE
@@ -679,13 +727,14 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
         text += (f"\ngave up: Alpine unreachable at {config.public_url} for {report.waited:.0f} s "
                  f"({report.detail}); {st['sync_pending']} rows stay pending")
     elif report.end is End.STALLED:
-        text += f"\ngave up: nothing got through for {report.waited:.0f} s; {st['sync_pending']} rows stay pending"
+        text += (f"\ngave up: Alpine answered but no row settled for {report.waited:.0f} s; "
+                 f"{st['sync_pending']} rows stay pending; last error: {syncer.last_error}")
     elif report.end is End.CONFIGURATION:
         text += f"\nstopped: {report.detail}; {st['sync_pending']} rows stay pending"
     elif unsettled and syncer.last_error:
         text += f"\n  last error: {syncer.last_error}"
     _emit(data, as_json, text)
-    if report.end in (End.UNREACHABLE, End.STALLED):
+    if report.end is End.UNREACHABLE:
         sys.exit(3)
     if unsettled:
         sys.exit(1)
@@ -727,10 +776,10 @@ def verify(db_path: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--signals", "n_signals", default=20_000, show_default=True, help="Signals per measurement.")
-@click.option("--repeat", default=3, show_default=True, help="Repetitions (the median is reported).")
-@click.option("--sync-signals", default=1000, show_default=True, help="Signals per live sync measurement.")
-@click.option("--backlog", default=10_000, show_default=True, help="Pending rows for the backlog drain (measured once).")
+@click.option("--signals", "n_signals", type=POSITIVE, default=20_000, show_default=True, help="Signals per measurement.")
+@click.option("--repeat", type=POSITIVE, default=3, show_default=True, help="Repetitions (the median is reported).")
+@click.option("--sync-signals", type=COUNT, default=1000, show_default=True, help="Signals per live sync measurement.")
+@click.option("--backlog", type=COUNT, default=10_000, show_default=True, help="Pending rows for the backlog drain (measured once).")
 @json_option
 @quiet_option
 def bench(n_signals: int, repeat: int, sync_signals: int, backlog: int, as_json: bool, quiet: bool) -> None:

@@ -7,13 +7,13 @@ or hook runs per row.  Every text that leaves this module is redacted of the API
 """
 from __future__ import annotations
 
-import json
 import socket
 import threading
+import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
-from urllib.parse import quote, urlsplit, urlunsplit
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import urllib3
@@ -22,27 +22,99 @@ from tenacity import (Retrying, retry_if_result, stop_after_attempt, stop_before
                       wait_exponential, wait_random)
 
 from .alpine import HEALTH_PATH, SIGNAL_PATH, Answer, Kind, classify
-from .breaker import Breaker
+from .breaker import Breaker, State
+from .safetext import clip, escape_controls
 
 __all__ = ["Redactor", "safe_url", "Delivery"]
 
 
+_HEX = "0123456789abcdefABCDEF"
+_JSON_ESCAPES = {"/": "/", "\\": "\\", '"': '"', "'": "'", "b": "", "f": "", "n": "", "r": "", "t": ""}
+BODY_LIMIT = 64 * 1024  # an answer is a few hundred bytes; more is dropped unread
+SHOWN_LIMIT = 300  # characters of an answer's text kept (logged, stored), cut after redaction
+MIN_PARTIAL = 4   # a cut text ending in this much of the key's start loses that end too
+
+
+def _canonical(text: str) -> Tuple[bytes, List[int], List[int]]:
+    """``text`` decoded the ways a receiver may echo a value (percent escapes in any case,
+    form ``+``, JSON backslash escapes) with whitespace and ``+`` dropped, as lower-case UTF-8
+    bytes;
+    with, for each byte, the start and end of the characters of ``text`` it came from."""
+    out = bytearray()
+    starts: List[int] = []
+    ends: List[int] = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "%" and i + 2 < n and text[i + 1] in _HEX and text[i + 2] in _HEX:
+            b, j = bytes((int(text[i + 1:i + 3], 16),)), i + 3
+        elif ch == "\\" and i + 1 < n and text[i + 1] in _JSON_ESCAPES:
+            b, j = _JSON_ESCAPES[text[i + 1]].encode(), i + 2
+        elif ch == "\\" and i + 5 < n and text[i + 1] == "u" and all(c in _HEX for c in text[i + 2:i + 6]):
+            b, j = chr(int(text[i + 2:i + 6], 16)).encode("utf-8", "surrogatepass"), i + 6
+        else:
+            b, j = ch.encode("utf-8", "surrogatepass"), i + 1
+        b = bytes(x for x in b if x not in _DROP)
+        out += b
+        starts += [i] * len(b)
+        ends += [j] * len(b)
+        i = j
+    return bytes(out).lower(), starts, ends
+
+
+_DROP = frozenset(b" \t\r\n\x0b\x0c+")
+
+
 class Redactor:
-    """Replaces every occurrence of the secrets (raw, JSON-escaped, percent-encoded) with ``***``."""
+    """Replaces every echo of the secrets with ``***``: raw, JSON-escaped (``\\/``, ``\\uXXXX``),
+    percent-encoded, form-encoded (``+``), in any letter case, or broken by whitespace or
+    line breaks.  A text that ends in the first ``MIN_PARTIAL`` or more characters of a secret (a
+    cut answer) loses that end too."""
 
     def __init__(self, secrets: Iterable[Optional[str]]) -> None:
-        forms: Set[str] = set()
+        keys: Set[bytes] = set()
+        raw: Set[str] = set()
         for s in secrets:
             if s:
-                forms.update((s, json.dumps(s)[1:-1], quote(s, safe=""), quote(s)))
-        self._forms = sorted((f for f in forms if f), key=len, reverse=True)
+                raw.add(s)
+                c = _canonical(s)[0]
+                if c:
+                    keys.add(c)
+        self._raw = sorted(raw, key=len, reverse=True)
+        self._keys = sorted(keys, key=len, reverse=True)
 
     def __call__(self, text: Optional[str]) -> str:
         text = "" if text is None else str(text)
-        for f in self._forms:
-            if f in text:
-                text = text.replace(f, "***")
-        return text
+        for r in self._raw:
+            text = text.replace(r, "***")
+        if not self._keys:
+            return text
+        canon, starts, ends = _canonical(text)
+        spans: List[Tuple[int, int]] = []
+        for key in self._keys:
+            at = canon.find(key)
+            while at >= 0:
+                spans.append((starts[at], ends[at + len(key) - 1]))
+                at = canon.find(key, at + 1)
+            for k in range(min(len(key) - 1, len(canon)), MIN_PARTIAL - 1, -1):
+                if canon.endswith(key[:k]):
+                    spans.append((starts[len(canon) - k], len(text)))
+                    break
+        if not spans:
+            return text
+        spans.sort()
+        merged: List[List[int]] = []
+        for a, b in spans:
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        parts, pos = [], 0
+        for a, b in merged:
+            parts += [text[pos:a], "***"]
+            pos = b
+        parts.append(text[pos:])
+        return "".join(parts)
 
 
 def safe_url(url: str) -> str:
@@ -60,19 +132,20 @@ def safe_url(url: str) -> str:
 class _AbortableAdapter(HTTPAdapter):
     """Records every socket it opens so a stop can shut them down mid-read."""
 
-    def __init__(self, sockets: "weakref.WeakSet[socket.socket]") -> None:
+    def __init__(self, *sockets: "weakref.WeakSet[socket.socket]") -> None:
         self._sockets = sockets
         super().__init__(max_retries=0, pool_connections=1, pool_maxsize=2)
 
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **kw: Any) -> None:
         super().init_poolmanager(connections, maxsize, block, **kw)
-        sockets = self._sockets
+        sets = self._sockets
 
         def tracked(base: type) -> type:
             class Conn(base):  # type: ignore[misc,valid-type]
                 def _new_conn(self) -> socket.socket:  # noqa: D401
                     sock = super()._new_conn()
-                    sockets.add(sock)
+                    for known in sets:
+                        known.add(sock)
                     return sock
             return Conn
 
@@ -85,6 +158,88 @@ class _AbortableAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": SPool}
 
 
+def _shutdown(sockets: Iterable[socket.socket]) -> None:
+    for sock in list(sockets):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _Alarm:
+    """One armed deadline: ``expired`` once the watchdog has shut its sockets down."""
+
+    __slots__ = ("deadline", "sockets", "expired")
+
+    def __init__(self, deadline: float, sockets: "weakref.WeakSet[socket.socket]") -> None:
+        self.deadline = deadline
+        self.sockets = sockets
+        self.expired = False
+
+
+class Watchdog:
+    """Ends a request that passes its overall deadline (a body trickled one byte at a time
+    never trips the read timeout): one daemon thread shuts the worker's sockets down.  The
+    thread starts on demand and ends after a while with nothing armed."""
+
+    IDLE = 30.0
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._alarms: Set[_Alarm] = set()
+        self._running = False
+
+    def arm(self, seconds: float, sockets: "weakref.WeakSet[socket.socket]") -> _Alarm:
+        alarm = _Alarm(time.monotonic() + seconds, sockets)
+        with self._cond:
+            self._alarms.add(alarm)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._loop, name="argo-signals-deadline", daemon=True).start()
+            else:
+                self._cond.notify()
+        return alarm
+
+    def disarm(self, alarm: _Alarm) -> None:
+        with self._cond:
+            self._alarms.discard(alarm)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [a for a in self._alarms if a.deadline <= now]
+                for a in due:
+                    a.expired = True
+                    self._alarms.discard(a)
+                if not due:
+                    if not self._alarms:
+                        if not self._cond.wait(self.IDLE) and not self._alarms:
+                            self._running = False
+                            return
+                    else:
+                        self._cond.wait(min(a.deadline for a in self._alarms) - now)
+                    continue
+            for a in due:
+                _shutdown(a.sockets)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _read_capped(resp: requests.Response, limit: int) -> bytes:
+    """The body, read in pieces; more than ``limit`` bytes raises ``_TooLarge``."""
+    parts: List[bytes] = []
+    size = 0
+    for chunk in resp.iter_content(8192):  # (read to the end, the connection is kept alive)
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 @dataclass
 class _ThreadState:
     session: requests.Session
@@ -92,6 +247,7 @@ class _ThreadState:
     post: requests.PreparedRequest      # the signal request, body left out
     health: requests.PreparedRequest
     send_kw: Dict[str, Any]
+    sockets: "weakref.WeakSet[socket.socket]"   # this worker's own (for its deadline)
 
 
 class Delivery:
@@ -101,10 +257,14 @@ class Delivery:
         self.stopping = stopping
         self.redact = redact
         self.retries = 0
+        self.answered = 0       # HTTP answers received (any status)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._sessions: List[requests.Session] = []
         self._sockets: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+        self.watchdog = Watchdog()
+        self.deadline = float(sum(config.timeout)) if isinstance(config.timeout, (tuple, list)) \
+            else float(config.timeout)
 
     # -- per-thread session and prepared requests --------------------------------------------
     def _state(self) -> _ThreadState:
@@ -117,7 +277,8 @@ class Delivery:
         env = s.merge_environment_settings(cfg.alpine_url, {}, None, None, None)
         s.trust_env = False
         s.max_redirects = 0
-        adapter = _AbortableAdapter(self._sockets)
+        mine: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+        adapter = _AbortableAdapter(self._sockets, mine)
         s.mount("http://", adapter)
         s.mount("https://", adapter)
         s.headers.update({"Content-Type": "application/json", "User-Agent": "argo-signals"})
@@ -125,37 +286,53 @@ class Delivery:
             s.headers["X-API-Key"] = cfg.api_key
         post = s.prepare_request(requests.Request("POST", cfg.alpine_url + SIGNAL_PATH, data=b"{}"))
         health = s.prepare_request(requests.Request("GET", cfg.alpine_url + HEALTH_PATH))
-        send_kw = {"stream": False, "timeout": cfg.timeout, "cert": None,
+        send_kw = {"stream": True, "timeout": cfg.timeout, "cert": None,
                    "verify": env.get("verify", True) if cfg.alpine_url.startswith("https://") else True,
                    "proxies": dict(env.get("proxies") or {})}
-        st = self._local.state = _ThreadState(s, adapter, post, health, send_kw)
+        st = self._local.state = _ThreadState(s, adapter, post, health, send_kw, mine)
         with self._lock:
             self._sessions.append(s)
         return st
 
     def _exchange(self, req: requests.PreparedRequest, st: _ThreadState) -> Answer:
-        """One request through the adapter (never follows a redirect); never raises."""
+        """One request through the adapter (never follows a redirect); never raises.
+
+        The whole exchange (connect, headers, body) must end within ``deadline`` seconds and
+        the body may not exceed ``BODY_LIMIT`` bytes: past either it counts as a transient
+        attempt (the connection is dropped)."""
+        alarm = self.watchdog.arm(self.deadline, st.sockets)
+        answered = False
         try:
             resp = st.adapter.send(req, **st.send_kw)
             try:
-                content = resp.content
+                content = _read_capped(resp, BODY_LIMIT)
             finally:
                 resp.close()
             answer = classify(resp.status_code, resp.headers, content, resp.reason or "")
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            answer = Answer(Kind.UNREACHABLE, type(exc).__name__ + _cause(exc))
-        except Exception as exc:  # anything else we could not read is an attempt that counts
-            answer = Answer(Kind.TRANSIENT, f"unusable answer ({type(exc).__name__})")
-        else:
+            answered = True
+        except _TooLarge:
+            answer = Answer(Kind.TRANSIENT, f"answer larger than {BODY_LIMIT // 1024} KiB (dropped)")
+        except Exception as exc:
+            if alarm.expired:
+                answer = Answer(Kind.TRANSIENT, f"no complete answer within {self.deadline:g} s")
+            elif isinstance(exc, (requests.ConnectionError, requests.Timeout, urllib3.exceptions.TimeoutError,
+                                  urllib3.exceptions.ProtocolError)):
+                answer = Answer(Kind.UNREACHABLE, type(exc).__name__ + _cause(exc))
+            else:  # anything else we could not read is an attempt that counts
+                answer = Answer(Kind.TRANSIENT, f"unusable answer ({type(exc).__name__})")
+        finally:
+            self.watchdog.disarm(alarm)
+        if answered:
+            self.answered += 1
             self.breaker.success()
-        if answer.kind is Kind.UNREACHABLE:
-            self.breaker.failure(answer.detail)
-        answer.detail = self.redact(answer.detail)
+        elif answer.kind is Kind.UNREACHABLE or self.breaker.state is State.HALF_OPEN:
+            self.breaker.failure(answer.detail)  # (a trial without a usable answer opens it again)
+        answer.detail = clip(escape_controls(self.redact(answer.detail)), SHOWN_LIMIT)
         return answer
 
-    def post(self, body: bytes) -> Answer:
-        """Post one body once."""
-        if self.breaker.is_open:
+    def post(self, body: bytes, trial: bool = False) -> Answer:
+        """Post one body once (``trial``: the one row let through while the breaker is half open)."""
+        if self.breaker.is_open and not trial:
             return Answer(Kind.UNREACHABLE, self.breaker.reason)
         st = self._state()
         req = st.post.copy()
@@ -166,12 +343,17 @@ class Delivery:
     def probe(self) -> Optional[str]:
         """Ask the health endpoint once: None if the receiver answered (any status), else why not."""
         st = self._state()
+        alarm = self.watchdog.arm(self.deadline, st.sockets)
         try:
             resp = st.adapter.send(st.health.copy(), **st.send_kw)
             resp.close()
             return None
         except Exception as exc:
-            return self.redact(type(exc).__name__ + _cause(exc))
+            if alarm.expired:
+                return f"no answer within {self.deadline:g} s"
+            return escape_controls(self.redact(type(exc).__name__ + _cause(exc)))
+        finally:
+            self.watchdog.disarm(alarm)
 
     # -- one row, with retries -------------------------------------------------------------------
     def _again(self, answer: Answer) -> bool:
@@ -193,13 +375,13 @@ class Delivery:
     def _count_retry(self, rs: Any) -> None:
         self.retries += 1
 
-    def send(self, body: bytes) -> Answer:
+    def send(self, body: bytes, trial: bool = False) -> Answer:
         """Post with bounded, interruptible retries; returns the last answer (never raises).
 
         The first request goes straight out; only a transient answer builds the retry loop.
         """
-        first = self.post(body)
-        if not self._again(first):
+        first = self.post(body, trial)
+        if trial or not self._again(first):
             return first
         cfg = self.config
         answers: Iterator[Answer] = iter((first,))
@@ -217,11 +399,7 @@ class Delivery:
     # -- stop ------------------------------------------------------------------------------------
     def abort(self) -> None:
         """Shut down every socket (a request hanging in a read ends at once)."""
-        for sock in list(self._sockets):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _shutdown(self._sockets)
 
     def close(self) -> None:
         with self._lock:

@@ -2,8 +2,9 @@
 
 It drives a ``Syncer`` from outside: forced claims in id order, progress per handled row, and
 an end when everything taken is handled, when the receiver is misconfigured (a redirect, a
-refused key), or when nothing has got through for ``patience`` seconds (the receiver is
-unreachable or hangs).  Rows not handled stay ``pending``.
+refused key), or when nothing has got through for ``patience`` seconds: *unreachable* when
+nothing answered (or the breaker is open), *stalled* when answers came but settled no row
+(their outcomes are recorded when the syncer stops).  Rows not handled stay ``pending``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ __all__ = ["End", "DrainReport", "drain"]
 class End(str, enum.Enum):
     DONE = "done"                    # every row taken was handled
     CONFIGURATION = "configuration"  # a redirect or a refused key: fix the URL or the key
-    UNREACHABLE = "unreachable"      # no answer for `patience` seconds
+    UNREACHABLE = "unreachable"      # no answer for `patience` seconds (or the breaker is open)
     STALLED = "stalled"              # answers, but no row handled for `patience` seconds
 
 
@@ -52,7 +53,8 @@ def drain(syncer: Syncer, limit: Optional[int] = None, patience: float = 30.0,
         if syncer.outcomes.config_error is not None:
             return End.CONFIGURATION
         if time.monotonic() - last_progress >= patience:
-            return End.UNREACHABLE if syncer.breaker.is_open else End.STALLED
+            answered = syncer.delivery.answered > 0
+            return End.UNREACHABLE if syncer.breaker.is_open or not answered else End.STALLED
         return None
 
     end: Optional[End] = None
@@ -71,5 +73,6 @@ def drain(syncer: Syncer, limit: Optional[int] = None, patience: float = 30.0,
         if end is None and (syncer.forced_after == before or syncer.claim_budget == 0):
             end = End.DONE
     waited = time.monotonic() - last_progress
-    detail = syncer.outcomes.config_error or (syncer.breaker.reason if end is End.UNREACHABLE else "") or ""
+    detail = syncer.outcomes.config_error or ((syncer.breaker.reason or "no answer")
+                                              if end is End.UNREACHABLE else "") or ""
     return DrainReport(end, dict(syncer.outcomes.counts), detail, waited)

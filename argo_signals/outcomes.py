@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import store
 from .alpine import Answer, Kind
+from .safetext import escape_controls
 
 __all__ = ["Outcomes", "read_last_error", "LAST_ERROR_TABLE"]
 
@@ -45,7 +46,8 @@ class Outcomes:
         self.redact = redact
         self.where = where                      # the receiver's URL, without credentials
         self.counts: Dict[str, int] = {"synced": 0, "rejected": 0, "skipped": 0, "auth": 0,
-                                       "redirect": 0, "transient": 0, "unreachable": 0}
+                                       "redirect": 0, "endpoint": 0, "transient": 0, "unreachable": 0}
+        self._transient_warned = False         # one WARNING per streak of transient answers
         self.handled = 0                        # rows done with for now (for progress bars)
         self.last_error: Optional[str] = None
         self.config_error: Optional[str] = None  # a 3xx or 401/403 answer, until a row syncs again
@@ -62,7 +64,7 @@ class Outcomes:
     def error(self, text: str, persist: bool = True) -> None:
         """Remember ``text`` as the last error (redacted); also in the database, at most once a
         second unless ``persist`` is forced by a configuration or outage error."""
-        text = self.redact(text)
+        text = escape_controls(self.redact(text))
         self.last_error = text
         now = time.monotonic()
         if not persist and now - self._written_at < 1.0:
@@ -94,19 +96,20 @@ class Outcomes:
                forced: bool) -> None:
         cfg = self.config
         rid, sid, kind = row["id"], row["signal_id"], answer.kind
-        detail = self.redact(answer.detail)
+        detail = escape_controls(self.redact(answer.detail))
         if kind is Kind.SYNCED:
             self._count("synced")
             self._settle(generation, rid, "synced", None)
             with self._count_lock:
                 was, self.config_error = self.config_error, None
+                self._transient_warned = False
             if was is not None:
                 log.warning("Alpine at %s accepts the signals again", self.where)
         elif kind is Kind.REJECTED:
             self._count("rejected")
             self._settle(generation, rid, "rejected", detail)
             log.warning("signal %s rejected by Alpine: %s", sid, detail)
-        elif kind in (Kind.AUTH, Kind.REDIRECT):
+        elif kind in (Kind.AUTH, Kind.REDIRECT, Kind.ENDPOINT):
             self._count(kind.value, handled=False)
             with self._count_lock:  # several workers get the same answer at once: one ERROR
                 first, self.config_error = self.config_error is None, detail
@@ -114,6 +117,9 @@ class Outcomes:
                 if kind is Kind.AUTH:
                     log.error("Alpine at %s refused the API key (%s); signals stay pending; check ARGO_API_KEY",
                               self.where, detail)
+                elif kind is Kind.ENDPOINT:
+                    log.error("Alpine at %s has no signal endpoint there (%s); set ALPINE_API_URL to the "
+                              "receiver's base URL (without /api/...); signals stay pending", self.where, detail)
                 else:
                     log.error("Alpine at %s answered %s; redirects are not followed (the key must not go "
                               "elsewhere): set ALPINE_API_URL to the final address; signals stay pending",
@@ -131,6 +137,8 @@ class Outcomes:
             self.error(f"{sid}: {detail}", persist=False)
             attempts = (row.get("sync_attempts") or 0) + 1
             delay = min(cfg.redelivery_max, cfg.redelivery_base * 2 ** max(0, attempts - 1))
+            if answer.retry_after is not None:  # the receiver's own wait is a floor (clamped)
+                delay = max(delay, min(answer.retry_after, cfg.max_retry_after))
             status = store.release(self._conn(), rid, self.token, detail, True, time.time() + delay,
                                    cfg.max_attempts)
             if status == "failed":
@@ -138,7 +146,13 @@ class Outcomes:
                 log.error("signal %s failed to sync after %d attempts (%s); `argo-signals sync "
                           "--retry-failed` re-queues it", sid, attempts, detail)
             else:
-                log.warning("signal %s not synced yet (%s); due again in %.0fs", sid, detail, delay)
+                with self._count_lock:  # a flood of 429/503: one WARNING until a row syncs again
+                    first, self._transient_warned = not self._transient_warned, True
+                if first:
+                    log.warning("signal %s not synced yet (%s); due again in %.0fs (until a signal syncs, "
+                                "further ones are logged at DEBUG)", sid, detail, delay)
+                else:
+                    log.debug("signal %s not synced yet (%s); due again in %.0fs", sid, detail, delay)
 
     def interrupted(self, row: Dict[str, Any]) -> None:
         """A row claimed but not sent (stopping): back to pending as it was."""

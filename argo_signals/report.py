@@ -16,7 +16,7 @@ import os
 import re
 import sqlite3
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from urllib.parse import quote
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from . import spill
@@ -58,11 +58,19 @@ def parse_since(value: str, now: datetime) -> datetime:
     """``24h``, ``7d``, ``30m``, ``90s``, ``2w`` (before ``now``) or an ISO-8601 time (naive = UTC)."""
     m = _RELATIVE.match(value)
     if m:
-        return now - timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2).lower()])
+        try:
+            return now - timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2).lower()])
+        except (OverflowError, ValueError):
+            raise ReportError(f"--since: {value!r} reaches back before the year 1") from None
     try:
         return datetime.fromisoformat(format_timestamp(value, "--since"))
     except SignalValidationError as exc:
         raise ReportError(f"--since: expected 24h, 7d, 30m or an ISO-8601 time, got {value!r} ({exc.problem})") from None
+
+
+def _shown(path: str) -> str:
+    """``path`` as text that can be written anywhere: bytes that are not UTF-8 become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
 
 
 def _iso(dt: datetime) -> str:
@@ -98,8 +106,15 @@ def _bucket_width_ms(span_ms: int) -> int:
 def _open(db_path: str) -> sqlite3.Connection:
     if not os.path.exists(db_path):
         raise ReportError(f"no database at {db_path}")
-    # as_uri() escapes '#', '?' and '%' in the name, which would otherwise end the path
-    conn = sqlite3.connect(f"{Path(db_path).absolute().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    if os.path.isdir(db_path):
+        raise ReportError(f"{db_path} is a directory, not a database")
+    # the path's bytes percent-encoded: '#', '?' and '%' in the name would otherwise end the
+    # path, and a name that is not valid UTF-8 could not be written as a URI at all
+    uri = "file:" + quote(os.fsencode(os.path.abspath(db_path))) + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=5.0)
+    except sqlite3.Error as exc:
+        raise ReportError(f"cannot open {db_path} ({exc})") from None
     try:
         # one read transaction: every figure comes from the same snapshot, even while a
         # writer commits (WAL readers see the database as of their first read)
@@ -191,7 +206,7 @@ def _collect(conn: sqlite3.Connection, db_path: str, since_dt: Optional[datetime
     bucket = f"({_ms_between('created_at', ':origin')} / :width)"
 
     report: Dict[str, Any] = {
-        "database": db_path,
+        "database": _shown(db_path),
         "generated_at": _iso(now),
         "filter": {"strategy": strategy},
         "period": {"since": _iso(start), "until": _iso(end), "by": "created_at (commit time), UTC",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -99,12 +100,17 @@ class Syncer:
         self._generation = 0
         self._warned_confidence = False
         self.max_inflight = self.config.workers * 4
-        self.lease = self.config.retry_budget * 3 + 60.0
         cfg = self.config
+        # A claim must outlive its rows' deliveries, or a second claimer re-posts a row still in
+        # flight.  One delivery: a first request (bounded by the overall deadline), then retries
+        # started within the retry budget, the last one again bounded by the deadline; a row
+        # may wait in the executor behind max_inflight / workers such deliveries.
+        one = 2 * sum(cfg.timeout) + cfg.retry_budget + cfg.max_backoff + cfg.max_retry_after
+        self.lease = math.ceil(self.max_inflight / cfg.workers) * one + 60.0
         self.breaker = Breaker(cfg.breaker_threshold, cfg.probe_base, cfg.probe_max)
         self.delivery = Delivery(cfg, self.breaker, self._stopping, self.redact)
         self.prober = Prober(self.breaker, self.delivery.probe, self._stopping, self._unreachable,
-                             self._reachable)
+                             self._reachable, self.nudge)
         self.outcomes = Outcomes(cfg, self._token, self._conn, self.redact, cfg.public_url,
                                  lambda: self._generation)
 
@@ -163,7 +169,8 @@ class Syncer:
 
     def nudge(self) -> None:
         """Ask for a pump (non-blocking): claim due rows and submit their deliveries."""
-        if self._stopping.is_set() or interpreter_exiting.is_set() or self.breaker.is_open:
+        if self._stopping.is_set() or interpreter_exiting.is_set() or (
+                self.breaker.is_open and not self.breaker.trial_free):
             return
         if time.monotonic() < self._paused_until:
             return
@@ -183,7 +190,7 @@ class Syncer:
                 self._idle.notify_all()
 
     def _may_claim(self) -> bool:
-        return (not self._stopping.is_set() and not self.breaker.is_open
+        return (not self._stopping.is_set() and (not self.breaker.is_open or self.breaker.trial_free)
                 and time.monotonic() >= self._paused_until)
 
     def _pump(self) -> None:
@@ -198,13 +205,21 @@ class Syncer:
                     room = min(room, self.claim_budget)
                 if room <= 0:
                     break
+                trial = self.breaker.is_open  # half open: one row, due or not, as the trial
+                if trial and not self.breaker.take_trial():
+                    break
                 try:
-                    rows = store.claim_due(self._conn(), self._token, room, self.lease, self.forced_after)
+                    rows = store.claim_due(self._conn(), self._token, 1 if trial else room, self.lease,
+                                           0 if trial else self.forced_after)
                 except sqlite3.OperationalError as exc:  # busy beyond the timeout: next nudge
+                    if trial:
+                        self.breaker.return_trial()
                     self.outcomes.error(f"claim deferred: {exc}", persist=False)
                     log.warning("sync claim deferred (%s); retried on the next tick", exc)
                     break
                 if not rows:
+                    if trial:  # nothing to try: the health check's answer is all there is
+                        self.breaker.success()
                     break
                 with self._lock:
                     if self.forced_after is not None:
@@ -212,7 +227,7 @@ class Syncer:
                     if self.claim_budget is not None:
                         self.claim_budget -= len(rows)
                 for row in rows:
-                    if not self._dispatch(generation, row):
+                    if not self._dispatch(generation, row, trial):
                         return
         finally:
             with self._lock:
@@ -225,16 +240,18 @@ class Syncer:
             if again:
                 self.nudge()
 
-    def _dispatch(self, generation: int, row: Dict[str, Any]) -> bool:
+    def _dispatch(self, generation: int, row: Dict[str, Any], trial: bool = False) -> bool:
         refused = refusal(row)
         if refused is not None:
             self.outcomes.refused(generation, row, *refused)
+            if trial:
+                self.breaker.return_trial()
             return True
         self._check_confidence(row)
         with self._lock:
             self._inflight += 1
         try:
-            fut = self._executor.submit(self._deliver, generation, row)  # type: ignore[union-attr]
+            fut = self._executor.submit(self._deliver, generation, row, trial)  # type: ignore[union-attr]
         except RuntimeError:
             with self._lock:
                 self._inflight -= 1
@@ -272,22 +289,22 @@ class Syncer:
             log.error("sync task failed: %s", text)
 
     # -- one delivery ----------------------------------------------------------------------------
-    def _deliver(self, generation: int, row: Dict[str, Any]) -> None:
+    def _deliver(self, generation: int, row: Dict[str, Any], trial: bool = False) -> None:
         if self._stopping.is_set():
             if generation == self._generation:
                 self.outcomes.interrupted(row)
             return
         try:
-            answer = self.delivery.send(json.dumps(payload(row)).encode())
+            answer = self.delivery.send(json.dumps(payload(row)).encode(), trial)
         except Exception as exc:  # never strand a claim: whatever happened counts as an attempt
             answer = Answer(Kind.TRANSIENT, f"could not deliver ({type(exc).__name__}: {exc})")
         if generation != self._generation:
             return  # claimed from a database file that has been replaced since
-        if answer.kind in (Kind.TRANSIENT, Kind.UNREACHABLE) and self._stopping.is_set():
-            self.outcomes.interrupted(row)
+        if answer.kind is Kind.UNREACHABLE and self._stopping.is_set():
+            self.outcomes.interrupted(row)  # (an answer that did come is recorded, even now)
             return
         self.outcomes.record(generation, row, answer, self.breaker.is_open, self.forced_after is not None)
-        if answer.kind in (Kind.AUTH, Kind.REDIRECT):
+        if answer.kind in (Kind.AUTH, Kind.REDIRECT, Kind.ENDPOINT):
             self._paused_until = time.monotonic() + self.config.auth_pause
         elif answer.kind is Kind.UNREACHABLE and self.breaker.is_open:
             with self._lock:  # the drain takes it again once the receiver answers

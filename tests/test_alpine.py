@@ -12,7 +12,7 @@ from argo_signals.alpine import (REFUSALS, Kind, check_api_key, classify, parse_
 from argo_signals.breaker import Breaker, Prober
 from argo_signals.delivery import Redactor, safe_url
 
-texts = st.one_of(st.none(), st.text(max_size=30), st.sampled_from(["ß" * 10, "ß" * 11, " ﬃ ", "\u2003x\u2003"]))
+texts = st.one_of(st.none(), st.text(max_size=30), st.sampled_from(["ß" * 10, "ß" * 11, " ﬃ ", "\u2003x\u2003", "   ", "\u3000\u3000", ""]))
 numbers = st.one_of(st.none(), st.floats(-5, 120, allow_nan=False), st.sampled_from([0.0, 1.0, 100.0]))
 rows = st.fixed_dictionaries({
     "action": st.sampled_from(["BUY", "SELL", "NEUTRAL", "buy", "HOLD"]),
@@ -121,7 +121,8 @@ def test_one_probe_per_outage_until_an_answer():
     b = Breaker(threshold=1, probe_base=0.01, probe_max=0.02)
     answers = iter(["refused", "refused", None])
     opened, answered, stopping = [], [], threading.Event()
-    p = Prober(b, lambda: next(answers), stopping, opened.append, answered.append)
+    p = Prober(b, lambda: next(answers), stopping, opened.append, answered.append,
+               on_trial=lambda: b.take_trial() and b.success())   # the trial row gets an answer
     assert b.failure("refused")
     for _ in range(3):
         p.ensure()                     # idempotent while probing
@@ -132,3 +133,28 @@ def test_one_probe_per_outage_until_an_answer():
     p.ensure()                         # closed: nothing to probe
     time.sleep(0.05)
     assert opened == ["refused"]
+
+
+def test_a_failed_trial_opens_the_breaker_again_without_a_second_warning():
+    """The health check answers but the trial row times out: the same outage goes on (one
+    on_open, no on_answer) and the probe's delay keeps growing; the next trial closes it."""
+    import threading
+    b = Breaker(threshold=1, probe_base=0.01, probe_max=10.0)
+    opened, answered, trials, stopping = [], [], [], threading.Event()
+
+    def trial():
+        trials.append(b.next_probe_delay())
+        assert b.take_trial() and not b.take_trial()   # one trial at a time
+        if len(trials) < 3:
+            b.failure("timed out")
+        else:
+            b.success()
+    p = Prober(b, lambda: None, stopping, opened.append, answered.append, on_trial=trial)
+    assert b.failure("timed out")
+    p.ensure()
+    deadline = time.monotonic() + 5
+    while not answered and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stopping.set()
+    assert opened == ["timed out"] and len(answered) == 1 and not b.is_open
+    assert len(trials) == 3 and trials[0] < trials[1] < trials[2]
