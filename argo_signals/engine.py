@@ -159,8 +159,16 @@ class Engine:
         if cause not in self._causes:
             self._causes.add(cause)
             log.warning("synchronous fallback (%s): the calling thread writes to SQLite", cause)
+        if self._write_lock.nested_here():
+            return   # a signal handler interrupted this thread's own write: that write takes it
+        # With a writer thread, a caller waits two seconds for the lock, then leaves its entry
+        # to the thread (an application signal handler may be waiting on this very caller).
+        wait = 2.0 if self._state is _OPEN else self.config.write_retry_budget + 5.0
         try:
-            if self._run_until(target, None, time.monotonic() + self.config.write_retry_budget + 5.0):
+            ok = self._run_until(target, None, time.monotonic() + wait)
+            while ok and self._state is not _OPEN and self._done < self._q.seq and not self._q.claimed:
+                ok = self._run_until(self._q.seq, None, time.monotonic() + wait)  # nested additions
+            if ok:
                 return
         except Exception:
             log.exception("synchronous write failed; the entries stay queued")
@@ -178,6 +186,7 @@ class Engine:
             if deadline <= time.monotonic() or not self._write_lock.acquire(deadline):
                 return False
             try:
+                self._write_lock.busy = True
                 n = min(target - self._done, self.config.max_batch)
                 if n > 0 and not self._write_batch(n, reason):
                     return False
@@ -291,6 +300,7 @@ class Engine:
             if reason is not None:
                 self._write_lock.acquire(float("inf"))
                 try:
+                    self._write_lock.busy = True
                     ok = self._write_batch(n, reason)
                 finally:
                     self._write_lock.release()
@@ -317,6 +327,7 @@ class Engine:
         if not self._write_lock.acquire(deadline):
             return False
         try:
+            self._write_lock.busy = True
             return self.sink.replay(max(0.0, deadline - time.monotonic()))
         except Exception:
             log.exception("replaying the spill file failed; it is tried again later")
@@ -386,6 +397,7 @@ class Engine:
                 self._state = State.CLOSED
         if self._write_lock.acquire(deadline):
             try:
+                self._write_lock.busy = True
                 self.sink.close()   # a later synchronous write opens one connection and keeps it
             finally:
                 self._write_lock.release()

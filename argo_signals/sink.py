@@ -211,31 +211,25 @@ class SQLiteSink:
 
         ``max_wait`` bounds how long it waits for another writer's lock."""
         try:
-            taken = spill.take(self.spill_path, max_wait)
+            with spill.replaying(self.spill_path, max_wait) as taken:
+                if taken is None:
+                    return True
+                self.stats.spill_bad += taken.bad
+                try:
+                    result = write_batch(self._bounded(max_wait), taken.rows, taken.updates)
+                except BaseException as exc:
+                    spill.give_back_locked(taken, self.spill_path)
+                    if not is_environment_error(exc):
+                        raise
+                    self.close()
+                    log.debug("spill replay deferred: %s", exc)
+                    return False
+                os.remove(taken.path)  # after the commit: a crash in between only replays no-ops
         except OSError as exc:
-            log.warning("spill file %s cannot be read for replay: %s", self.spill_path, exc)
-            return False
-        if taken is None:
-            return True
-        self.stats.spill_bad += taken.bad
-        try:
-            result = write_batch(self._bounded(max_wait), taken.rows, taken.updates)
-        except BaseException as exc:
-            try:
-                spill.give_back(taken, self.spill_path)
-            except OSError as err:  # the taken file stays: the next replay finds it first
-                log.warning("spill lines could not be put back yet (%s)", err)
-            if not is_environment_error(exc):
-                raise
-            self.close()
-            log.debug("spill replay deferred: %s", exc)
+            log.warning("spill file %s cannot be replayed now: %s", self.spill_path, exc)
             return False
         self.stats.replayed += len(taken.rows)
         self._account(result, [], None)
-        try:
-            os.remove(taken.path)  # after the commit: a crash in between only replays no-ops
-        except FileNotFoundError:
-            pass  # another process replayed and removed the same file
         log.warning("replayed %d spilled signals and %d updates from %s (%d new, %d already stored)",
                     len(taken.rows), len(taken.updates), self.spill_path, result.inserted,
                     result.duplicates)

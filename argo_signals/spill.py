@@ -30,7 +30,8 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger("argo_signals")
 Update = Tuple[str, Dict[str, Any]]
 
-__all__ = ["spill_path", "append", "take", "pending_count", "entry_from_json", "Taken", "give_back"]
+__all__ = ["spill_path", "append", "take", "pending_count", "entry_from_json", "Taken", "give_back",
+           "give_back_locked", "replaying"]
 
 LOCK_TIMEOUT = 10.0  # seconds to wait for another process's append or take
 
@@ -136,21 +137,34 @@ class Taken(NamedTuple):
     bad: int                   # lines moved to ``<spill>.bad``
 
 
-def take(path: str, timeout: Optional[float] = None) -> Optional[Taken]:
-    """Claim the spill file for replay, or None when there is none.
+@contextlib.contextmanager
+def replaying(path: str, timeout: Optional[float] = None) -> Iterator[Optional["Taken"]]:
+    """Hold the spill lock for a whole replay and yield what waits (None when nothing does).
 
-    The caller commits the rows and then removes ``Taken.path``; if it cannot, the next
-    ``take`` finds the taken file again (it is replayed before any newer spill).
+    Inside, the caller commits ``Taken.rows``/``updates`` and then removes ``Taken.path``, or
+    calls ``give_back_locked()``.  Holding the lock throughout keeps two replays (threads or
+    processes) from taking the same lines, so an old update can never be re-applied after a
+    newer one, nor a newer taken file removed by a slower replay.
     """
-    taken = f"{path}.replaying"
     with _locked(path, timeout):
-        if not os.path.exists(taken):
-            try:
-                os.rename(path, taken)
-            except FileNotFoundError:
-                return None
-        with open(taken, "rb") as f:
-            data = f.read()
+        yield _take_locked(path)
+
+
+def take(path: str, timeout: Optional[float] = None) -> Optional[Taken]:
+    """Read what waits for replay (the file is renamed to ``.replaying``); None when nothing."""
+    with _locked(path, timeout):
+        return _take_locked(path)
+
+
+def _take_locked(path: str) -> Optional[Taken]:
+    taken = f"{path}.replaying"
+    if not os.path.exists(taken):
+        try:
+            os.rename(path, taken)
+        except FileNotFoundError:
+            return None
+    with open(taken, "rb") as f:
+        data = f.read()
     rows: List[tuple] = []
     timed: List[Tuple[float, Update]] = []
     bad = 0
@@ -179,17 +193,24 @@ def take(path: str, timeout: Optional[float] = None) -> Optional[Taken]:
 def give_back(taken: Taken, path: str) -> None:
     """A replay that could not commit: the taken lines go back in front of any newer spill."""
     with _locked(path):
-        try:
-            with open(path, "rb") as f:
-                newer = f.read()
-        except FileNotFoundError:
-            newer = b""
-        if newer:
-            with open(taken.path, "ab") as f:
-                f.write(newer)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(taken.path, path)
+        give_back_locked(taken, path)
+
+
+def give_back_locked(taken: Taken, path: str) -> None:
+    """``give_back`` for a caller already holding the lock (inside ``replaying()``)."""
+    try:
+        with open(path, "rb") as f:
+            newer = f.read()
+    except FileNotFoundError:
+        newer = b""
+    if newer:
+        with open(taken.path, "ab") as f:
+            f.write(newer)
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(taken.path, path)
+
+
 
 
 def entry_from_json(line: bytes) -> Tuple[str, Any]:

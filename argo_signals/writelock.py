@@ -2,9 +2,12 @@
 
 A Ctrl-C (or SIGTERM turned into ``SystemExit``) on the main thread can land between a
 successful ``Lock.acquire()`` and the ``try`` that would release it, leaving the lock held by
-nobody at work.  ``WriteLock`` records its owner and takes such a lock back: the owner's
-thread does when it comes to write again (it cannot hold it legitimately then), and anyone
-does once the lock has been held for a second with no owner recorded.
+nobody at work.  ``WriteLock`` records its owner, and the holder marks ``busy`` as the first
+thing inside its ``try``.  A lock held by this thread but not busy was leaked, and is taken
+back when this thread comes to write again; a lock held for a second with no owner recorded
+is taken back by anyone.  A lock held by this thread *and* busy belongs to a write that a
+signal handler interrupted on this same thread: a nested ``acquire()`` then fails at once
+(the nested caller must not write under it).
 """
 from __future__ import annotations
 
@@ -30,11 +33,14 @@ class WriteLock:
         self._lock = threading.Lock()
         self._owner: Optional[int] = None
         self._ownerless_since: Optional[float] = None
+        self.busy = False
 
     def acquire(self, deadline: float) -> bool:
         """Take the lock by ``deadline`` (monotonic seconds; ``inf`` waits as long as it takes)."""
         me = threading.get_ident()
         if self._owner == me:
+            if self.busy:
+                return False   # nested in a write of this thread (a signal handler)
             self.release()
         while True:
             if self._lock.acquire(timeout=min(0.25, seconds_until(deadline))):
@@ -51,6 +57,11 @@ class WriteLock:
             if now >= deadline:
                 return False
 
+    def nested_here(self) -> bool:
+        """True inside a signal handler that interrupted this thread's own write."""
+        return self.busy and self._owner == threading.get_ident()
+
     def release(self) -> None:
+        self.busy = False
         self._owner = None
         self._lock.release()
