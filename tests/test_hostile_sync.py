@@ -288,13 +288,19 @@ def test_bad_numbers_give_an_error_not_a_traceback(tmp_path, args):
     assert p.returncode != 0 and p.stderr.strip(), (p.returncode, p.stderr)
 
 
-@pytest.mark.parametrize("cmd", [["tail"], ["export"], ["verify"]])
-def test_invalid_utf8_in_the_database_gives_no_traceback(tmp_path, cmd):
+def _db_with_first_symbol(tmp_path, sql_value):
+    """A two-row store whose first symbol was set behind the library's back to ``sql_value``."""
     db = _db_with(tmp_path, 2)
     c = sqlite3.connect(str(db))
-    c.execute("UPDATE signals SET symbol = CAST(x'41ff42' AS TEXT) WHERE id = 1")
+    c.execute(f"UPDATE signals SET symbol = {sql_value} WHERE id = 1")
     c.commit()
     c.close()
+    return db
+
+
+@pytest.mark.parametrize("cmd", [["tail"], ["export"], ["verify"]])
+def test_invalid_utf8_in_the_database_gives_no_traceback(tmp_path, cmd):
+    db = _db_with_first_symbol(tmp_path, "CAST(x'41ff42' AS TEXT)")
     p = _cli(*cmd, "--db", str(db))
     assert "Traceback" not in p.stderr, p.stderr[-300:]
     if cmd != ["verify"]:   # (verify rightly finds the row changed: exit 1)
@@ -304,11 +310,7 @@ def test_invalid_utf8_in_the_database_gives_no_traceback(tmp_path, cmd):
 @pytest.mark.parametrize("cmd", [["tail", "--json"], ["export"], ["tail"], ["verify"],
                                  ["export", "--format", "csv"]])
 def test_a_blob_in_the_database_gives_no_traceback(tmp_path, cmd):
-    db = _db_with(tmp_path, 2)
-    c = sqlite3.connect(str(db))
-    c.execute("UPDATE signals SET symbol = x'00ff' WHERE id = 1")
-    c.commit()
-    c.close()
+    db = _db_with_first_symbol(tmp_path, "x'00ff'")
     p = _cli(*cmd, "--db", str(db))
     assert "Traceback" not in p.stderr, p.stderr[-300:]
 
