@@ -413,7 +413,8 @@ class Engine:
         held = self._q.snapshot_claimed()
         entries = self._q.take_unclaimed()
         if held or entries:
-            self.sink.salvage(held + entries, seconds_until(self._stop_at + 0.5))
+            no_close = self._stop_at == float("inf")   # then the spill's own lock wait applies
+            self.sink.salvage(held + entries, None if no_close else seconds_until(self._stop_at + 0.5))
             self._advance(len(entries))
 
     def write_directly(self, why: str) -> None:
