@@ -364,6 +364,8 @@ class Delivery:
                 answer = Answer(Kind.TRANSIENT, f"unusable answer ({type(exc).__name__})")
         finally:
             self.watchdog.disarm(alarm)
+        # redacted before anything keeps it (the breaker's reason is printed by `sync`)
+        answer.detail = clip(escape_controls(self.redact(answer.detail)), SHOWN_LIMIT)
         if answered:
             self.answered += 1
             self._heed(answer)
@@ -375,7 +377,6 @@ class Delivery:
             self.gate.no_answer()
             if answer.kind is Kind.UNREACHABLE or self.breaker.state is State.HALF_OPEN:
                 self.breaker.failure(answer.detail)  # (a trial without a usable answer opens it again)
-        answer.detail = clip(escape_controls(self.redact(answer.detail)), SHOWN_LIMIT)
         return answer
 
     def _heed(self, answer: Answer) -> None:

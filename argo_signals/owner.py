@@ -1,7 +1,8 @@
 """Who holds a sync claim, and whether that holder is still alive.
 
-A claim token names its owner: ``argo1|<host>|<boot id>|<pid>|<process start>|<random>``.  On
-the same host and boot, the owner is alive exactly when a process with that pid and that start
+A claim token names its owner: ``argo1|<host>|<boot id>|<pid namespace>|<pid>|<process
+start>|<random>``.  On the same host, boot and pid namespace (containers sharing a database
+file have their own), the owner is alive exactly when a process with that pid and that start
 time exists (a pid reused by another process has another start time), and, for a claim of this
 very process, when the syncer that made it has not stopped.  Such a claim is never taken
 over, however far the wall clock jumps; a claim whose owner is gone (``kill -9``, a reboot) is
@@ -56,10 +57,18 @@ def _host() -> str:
     return socket.gethostname().replace("|", "_")
 
 
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").replace("|", "_")
+    except OSError:
+        return ""
+
+
 def new_token() -> str:
     """A claim token naming this process; registered as alive until ``forget()``."""
     pid = os.getpid()
-    token = "|".join((_PREFIX, _host(), _boot_id(), str(pid), _start_time(pid) or "", uuid.uuid4().hex))
+    token = "|".join((_PREFIX, _host(), _boot_id(), _pid_namespace(), str(pid), _start_time(pid) or "",
+                      uuid.uuid4().hex))
     with _lock:
         _live_here.add(token)
     return token
@@ -77,19 +86,22 @@ class Liveness:
     def __init__(self) -> None:
         self.host = _host()
         self.boot = _boot_id()
+        self.pidns = _pid_namespace()
         self.pid = os.getpid()
 
     def owner_alive(self, token: str) -> Optional[bool]:
         """True/False for an owner on this host and boot; None when it cannot be told (another
         host, another format): the lease decides."""
         parts = token.split("|")
-        if len(parts) != 6 or parts[0] != _PREFIX or parts[1] != self.host:
+        if len(parts) != 7 or parts[0] != _PREFIX or parts[1] != self.host:
             return None
-        _, _, boot, pid_text, start, _ = parts
+        _, _, boot, pidns, pid_text, start, _ = parts
         if not boot or not self.boot:
             return None
         if boot != self.boot:
             return False     # the host rebooted since: that process is gone
+        if pidns != self.pidns:
+            return None      # another pid namespace (container): its pids mean nothing here
         try:
             pid = int(pid_text)
         except ValueError:

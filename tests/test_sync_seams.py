@@ -308,3 +308,40 @@ def test_the_stored_hash_is_the_hash_of_the_posted_body(entry, target, stop, con
         conn.close()
     posted = json.loads(json.dumps(payload(stored)).encode())   # what the receiver parses
     assert receiver_hash(posted) == stored["sha256"] == posted["sha256"]
+
+
+def test_an_outage_page_echoing_the_key_and_a_url_password_never_reach_the_output(db, alpine):
+    """A proxy's 502 page that repeats the key: the breaker's reason was printed as it came."""
+    seeded(db, 3)
+    alpine.outage = (502, f"<html>bad gateway for X-API-Key: {KEY}</html>".encode(), {})
+    url = alpine.url.replace("http://", "http://user:pw-s3cret@")
+    res = CliRunner().invoke(main, ["sync", "--db", str(db), "--alpine-url", url, "--timeout", "1"],
+                             env={"ARGO_API_KEY": KEY})
+    stored = sqlite3.connect(str(db)).execute("SELECT error FROM sync_last_error").fetchone()[0]
+    assert res.exit_code == 3, res.output
+    assert "***@127.0.0.1" in res.output
+    for text in (res.output, stored):
+        assert "pw-s3cret" not in text and KEY[:8] not in text and KEY[-8:] not in text, text
+
+
+def test_a_claim_owner_is_judged_by_host_boot_pid_and_start_time():
+    from argo_signals import owner
+    child = subprocess.Popen([sys.executable, "-c", "import time; from argo_signals import owner; "
+                              "print(owner.new_token(), flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        token = child.stdout.readline().strip()
+        live = owner.Liveness()
+        assert live.owner_alive(token) is True
+        parts = token.split("|")
+        assert live.owner_alive("|".join(parts[:5] + [str(int(parts[5]) + 1)] + parts[6:])) is False  # pid reused
+        assert live.owner_alive("|".join(parts[:1] + ["elsewhere"] + parts[2:])) is None   # another host: the lease
+        assert live.may_take("0123abcd", 10.0, 11.0) and not live.may_take("0123abcd", 12.0, 11.0)
+    finally:
+        child.kill()
+        child.wait(10)
+    assert owner.Liveness().owner_alive(token) is False
+    mine = owner.new_token()
+    assert owner.Liveness().owner_alive(mine) is True
+    owner.forget(mine)     # (a sync of this process that stopped)
+    assert owner.Liveness().owner_alive(mine) is False
