@@ -352,14 +352,17 @@ class Syncer:
 
     def _wake_after(self, seconds: float) -> None:
         """Pump again when the rate limit ends (nothing else may come to nudge)."""
-        with self._lock:
-            if self._stopping.is_set():
+        with self._lock:  # one timer at a time (a nudge per commit must not start one each)
+            if self._stopping.is_set() or self._wake is not None:
                 return
-            old, self._wake = self._wake, threading.Timer(seconds + 0.01, self.nudge)
+            self._wake = threading.Timer(seconds + 0.01, self._woken)
             self._wake.daemon = True
             self._wake.start()
-        if old is not None:
-            old.cancel()
+
+    def _woken(self) -> None:
+        with self._lock:
+            self._wake = None
+        self.nudge()   # (still held: it sets the next timer)
 
     @property
     def rate_limited(self) -> bool:
