@@ -180,8 +180,9 @@ def test_a_live_claim_survives_a_clock_step_and_a_dead_ones_come_back_at_once(db
         child.wait(10)
         hang.delay = 0
         hang.stop()
-    out = cli("sync", "--db", db, "--alpine-url", alpine.url, "--json", "-q", timeout=30)
-    assert out.returncode == 0, out.stderr
+    out = CliRunner().invoke(main, ["sync", "--db", str(db), "--alpine-url", alpine.url, "--json", "-q"],
+                             env={"ARGO_API_KEY": KEY})
+    assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
     assert data["synced"] == 5 and data["reclaimed"] >= 1, data
     assert all(r["sync_status"] == "synced" for r in rows(db))
