@@ -92,6 +92,7 @@ class Syncer:
         self._local = threading.local()
         self._token = owner.new_token()
         self.reclaimed = 0             # rows freed from claims of owners that are gone
+        self._claimed_any = False      # (nothing to release at stop otherwise)
         self.db_error: Optional[str] = None   # the last claim's database error, until one succeeds
         self._reclaim_at = 0.0         # (monotonic) next look for claims of dead owners
         self._wake: Optional[threading.Timer] = None
@@ -239,6 +240,7 @@ class Syncer:
                     rows = store.claim_due(self._conn(), self._token, 1 if trial else room, self.lease,
                                            0 if trial else self.forced_after)
                     self.db_error = None
+                    self._claimed_any = self._claimed_any or bool(rows)
                 except sqlite3.Error as exc:  # busy beyond the timeout, unreadable: next nudge
                     if trial:
                         self.breaker.return_trial()
@@ -439,12 +441,13 @@ class Syncer:
         self.delivery.close()
         self.outcomes.flush(wait=1.0)  # whatever is still queued, before the claims are released
         try:  # rows claimed but never started go back to pending at once
-            conn = store.connect(self.db_path, self.config.durability, self.config.busy_timeout)
-            try:
-                conn.execute("UPDATE signals SET sync_claim = NULL, sync_claim_until = NULL "
-                             "WHERE sync_claim = ?", (self._token,))
-            finally:
-                conn.close()
+            if self._claimed_any:
+                conn = store.connect(self.db_path, self.config.durability, self.config.busy_timeout)
+                try:
+                    conn.execute("UPDATE signals SET sync_claim = NULL, sync_claim_until = NULL "
+                                 "WHERE sync_claim = ?", (self._token,))
+                finally:
+                    conn.close()
         except Exception as exc:
             log.warning("could not release sync claims (%s); the next run takes them back", exc)
         owner.forget(self._token)
