@@ -17,14 +17,19 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from urllib.parse import urlsplit
 
 __all__ = ["SIGNAL_PATH", "HEALTH_PATH", "payload", "hash_fields", "receiver_hash", "Refusal",
            "REFUSALS", "refusal", "refusal_sql", "register_sql_functions", "fraction_warning", "check_api_key",
-           "parse_retry_after", "Kind", "Answer", "classify", "RETRYABLE_STATUS"]
+           "check_alpine_url", "parse_retry_after", "Kind", "Answer", "classify", "RETRYABLE_STATUS",
+           "OUTAGE_STATUS", "KEY_VARIABLE"]
 
 SIGNAL_PATH = "/api/v1/external-signals/sync/signal"
 HEALTH_PATH = "/api/v1/external-signals/sync/health"
 RETRYABLE_STATUS = frozenset((408, 425, 429, 500, 502, 503, 504))
+# What a proxy answers for a receiver that is down: the receiver itself, not the signal.
+OUTAGE_STATUS = frozenset((502, 503, 504))
+KEY_VARIABLE = "ARGO_API_KEY"
 DEFAULT_STRATEGY = "weighted_consensus_v6"
 
 _BODY_FIELDS = ("signal_id", "symbol", "action", "entry_price", "target_price", "stop_price",
@@ -187,25 +192,66 @@ def fraction_warning(row: Mapping[str, Any]) -> Optional[str]:
             f"{c * 100:g} %; pass {c * 100:g} for {c * 100:g} %")
 
 
-# -- what may be sent as the key -----------------------------------------------------------------
+# -- what may be sent as the key, and where ------------------------------------------------------
 def check_api_key(key: Optional[str]) -> Optional[str]:
-    """Return ``key`` if it can be sent as an HTTP header value; else raise ``ValueError``.
+    """Return ``key`` if the receiver can compare it; else raise ``ValueError`` naming the
+    variable (``ARGO_API_KEY``), never repeating the key.
 
-    The message never repeats the key.
+    The receiver compares keys as ``str`` with ``hmac.compare_digest``, which refuses anything
+    but ASCII (a bare 500, never 401): a key must be printable ASCII, without surrounding
+    whitespace.
     """
     if key is None:
         return None
     if not isinstance(key, str):
-        raise ValueError(f"the API key must be a string, not {type(key).__name__}")
-    try:
-        key.encode("latin-1")
-    except UnicodeEncodeError:
-        raise ValueError("the API key has characters an HTTP header cannot carry (only latin-1 is allowed)") from None
-    if any(c in key for c in "\r\n\x00"):
-        raise ValueError("the API key contains a line break or NUL, which an HTTP header cannot carry")
-    if key != key.strip(" \t"):
-        raise ValueError("the API key starts or ends with whitespace, which an HTTP header would drop")
+        raise ValueError(f"{KEY_VARIABLE}: the API key must be a string, not {type(key).__name__}")
+    if not (key.isascii() and key.isprintable()):
+        raise ValueError(f"{KEY_VARIABLE}: the API key must be printable ASCII (it has a non-ASCII, "
+                         f"control or line-break character); check {KEY_VARIABLE}")
+    if key != key.strip(" "):
+        raise ValueError(f"{KEY_VARIABLE}: the API key starts or ends with whitespace, which an HTTP header "
+                         f"would drop; check {KEY_VARIABLE}")
     return key
+
+
+def check_alpine_url(url: str) -> str:
+    """Return the base URL without a trailing ``/`` if requests can be built on it; else raise
+    ``ValueError`` with a clear message (credentials in the URL are never repeated)."""
+    if not isinstance(url, str):
+        raise ValueError(f"ALPINE_API_URL must be a string, not {type(url).__name__}")
+    url = url.strip().rstrip("/")
+    shown = _hide_credentials(url)
+    if not url.lower().startswith(("http://", "https://")):
+        raise ValueError(f"ALPINE_API_URL must start with http:// or https:// (got {shown!r})")
+    if any(c in url for c in "\r\n\t ") or not url.isprintable():
+        raise ValueError(f"ALPINE_API_URL has whitespace or control characters (got {shown!r})")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ValueError(f"ALPINE_API_URL cannot be parsed ({exc}): {shown!r}") from None
+    if parts.fragment or "#" in url:
+        raise ValueError(f"ALPINE_API_URL has a fragment ('#...'), which would cut the signal path off "
+                         f"(a '#' in a password must be written %23): {shown!r}")
+    if parts.query or "?" in url:
+        raise ValueError(f"ALPINE_API_URL has a query ('?...'), which would send the posts to another "
+                         f"path: give the base URL only: {shown!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"ALPINE_API_URL has a bad port (a number 1-65535 expected): {shown!r}") from None
+    if port == 0:
+        raise ValueError(f"ALPINE_API_URL has a bad port (a number 1-65535 expected): {shown!r}")
+    if not parts.hostname:
+        raise ValueError(f"ALPINE_API_URL has no host: {shown!r}")
+    return url
+
+
+def _hide_credentials(url: str) -> str:
+    """``url`` with everything between ``scheme://`` and the last ``@`` shown as ``***``."""
+    head, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{head}://***@{rest.rsplit('@', 1)[1]}"
 
 
 # -- what the receiver's answers mean ------------------------------------------------------------
@@ -216,7 +262,9 @@ class Kind(str, enum.Enum):
     REDIRECT = "redirect"        # a 3xx: configuration (never followed)
     ENDPOINT = "endpoint"        # 404/405: no such endpoint at that URL: configuration
     TRANSIENT = "transient"      # try again later (capped)
-    UNREACHABLE = "unreachable"  # no answer at all (connection refused, timeout)
+    RATE_LIMITED = "rate_limited"  # 429: the whole sync waits (not this row's fault)
+    UNREACHABLE = "unreachable"  # no answer (connection refused, timeout), or a proxy's 502/503/504
+    #                              or a 5xx without the receiver's JSON body: the receiver is down
 
 
 @dataclass
@@ -257,6 +305,13 @@ def _json(content: bytes) -> Any:
         return None
 
 
+def _receivers_own(content: bytes) -> bool:
+    """The body is the receiver's own error answer (a JSON object with ``detail``), not a
+    proxy's page or a bare server error."""
+    body = _json(content)
+    return isinstance(body, dict) and "detail" in body
+
+
 def _detail(status: int, reason: str, content: bytes) -> str:
     body = _json(content)
     d = body.get("detail") if isinstance(body, dict) else None
@@ -288,8 +343,13 @@ def classify(status: int, headers: Mapping[str, str], content: bytes, reason: st
         return Answer(Kind.AUTH, detail)
     if status in (404, 405):  # the receiver answers 400/422 about a payload, never these
         return Answer(Kind.ENDPOINT, detail)
+    retry_after = parse_retry_after(headers.get("Retry-After"))
+    if status == 429:
+        return Answer(Kind.RATE_LIMITED, detail, retry_after)
+    if status in OUTAGE_STATUS or (status >= 500 and not _receivers_own(content)):
+        return Answer(Kind.UNREACHABLE, detail, retry_after)
     if status in RETRYABLE_STATUS:
-        return Answer(Kind.TRANSIENT, detail, parse_retry_after(headers.get("Retry-After")))
+        return Answer(Kind.TRANSIENT, detail, retry_after)
     if 400 <= status < 500:
         return Answer(Kind.REJECTED, detail)
     return Answer(Kind.TRANSIENT, detail)

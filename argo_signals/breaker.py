@@ -5,7 +5,8 @@ sending rows and a single probe asks the receiver on an exponential schedule (``
 doubling up to ``probe_max``).  When the health endpoint answers, the breaker is *half open*:
 one row goes out as a trial.  An HTTP answer to that trial closes the breaker; a failure or
 timeout opens it again, and the probing goes on where its schedule was (a receiver whose
-health check answers but whose posts time out is one outage, not a flapping breaker).
+health check answers but whose posts time out is one outage, not a flapping breaker).  A
+rate limit in force (``hold()``: seconds left) delays the next probe until it ends.
 Thread-safe; the clock is injectable for tests.
 """
 from __future__ import annotations
@@ -123,8 +124,10 @@ class Prober:
 
     def __init__(self, breaker: Breaker, ask: Callable[[], Optional[str]], stopping: threading.Event,
                  on_open: Callable[[str], None], on_answer: Callable[[float], None],
-                 on_trial: Callable[[], None] = lambda: None) -> None:
+                 on_trial: Callable[[], None] = lambda: None,
+                 hold: Callable[[], float] = lambda: 0.0) -> None:
         self.breaker = breaker
+        self.hold = hold
         self.ask = ask
         self.stopping = stopping
         self.on_open = on_open
@@ -153,7 +156,9 @@ class Prober:
     def _loop(self) -> None:
         started = self.breaker.clock()
         try:
-            while not self.stopping.wait(self.breaker.next_probe_delay()):
+            while not self.stopping.wait(max(self.breaker.next_probe_delay(), self.hold())):
+                if self.hold() > 0:   # a rate limit set meanwhile: wait for its end first
+                    continue
                 if self.breaker.state is State.OPEN:  # (a delivery may have got an answer meanwhile)
                     why = self.ask()
                     if why is not None:

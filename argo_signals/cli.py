@@ -683,28 +683,39 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
     """Push pending rows to Alpine now, due or not; exit 0 only if every row taken settled.
 
     Exit 1: some rows were rejected or not synced yet (answers that settled nothing included),
-    or the receiver is misconfigured (a redirect, a refused key); exit 3: nothing answered for
-    --timeout seconds.
+    the database is missing, or the receiver is misconfigured (a redirect, a refused key);
+    exit 2: a bad URL or key (configuration); exit 3: nothing answered for --timeout seconds;
+    exit 4: the database could not be read or written (locked, unreadable).
     """
     from . import store
     from .drain import End, drain
     from .sync import Syncer, SyncConfig
 
-    _open_existing(db_path).close()
+    if not os.path.exists(db_path):
+        _open_existing(db_path)   # "no database at ..." (exit 1)
+    try:
+        _open_existing(db_path).close()
+    except click.ClickException as exc:
+        _database_problem(db_path, exc.message)
     url = alpine_url or os.environ.get("ALPINE_API_URL")
     if not url:
         raise click.ClickException("no Alpine URL: pass --alpine-url or set ALPINE_API_URL")
     if alpine_url is None and env_flag("ALPINE_SYNC_ENABLED") is False:
         raise click.ClickException("sync is disabled by ALPINE_SYNC_ENABLED=false (pass --alpine-url to override)")
     try:
-        config = SyncConfig(url, os.environ.get("ARGO_API_KEY"))
+        config = SyncConfig(url, os.environ.get("ARGO_API_KEY"), busy_timeout=max(0.1, min(5.0, timeout / 2)))
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    conn = store.connect(db_path)
+        click.echo(f"Error: configuration: {escape_controls(exc)}", err=True)
+        sys.exit(2)
     try:
-        reset = store.reset_status(conn, [s for s, on in (("rejected", retry_rejected), ("failed", retry_failed)) if on])
-    finally:
-        conn.close()
+        conn = store.connect(db_path, busy_timeout=config.busy_timeout)
+        try:
+            reset = store.reset_status(conn, [s for s, on in (("rejected", retry_rejected), ("failed", retry_failed))
+                                              if on])
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        _database_problem(db_path, str(exc))
     syncer = Syncer(db_path, config)
     todo = sync_state(db_path)["sync_pending"]
     if limit is not None:
@@ -718,12 +729,17 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
     unsettled = outcomes["rejected"] > 0 or outcomes["transient"] > 0 or report.end is not End.DONE
     data = {"taken": taken, "synced": outcomes["synced"], "skipped": outcomes["skipped"],
             "rejected": outcomes["rejected"], "not_synced_yet": outcomes["transient"],
-            "reset_to_pending": reset, "still_pending": st["sync_pending"], "failed": st["sync_failed"],
-            "end": report.end.value, "last_error": syncer.last_error}
+            "reset_to_pending": reset, "reclaimed": syncer.reclaimed, "still_pending": st["sync_pending"],
+            "failed": st["sync_failed"], "end": report.end.value, "last_error": syncer.last_error}
     text = (f"took {taken}: {data['synced']} synced, {data['skipped']} skipped, "
             f"{data['rejected']} rejected, {data['not_synced_yet']} not synced yet; "
             f"{st['sync_pending']} pending in all")
-    if report.end is End.UNREACHABLE:
+    if syncer.reclaimed:
+        text += f"\n  reclaimed {syncer.reclaimed} rows claimed by a sync process that is gone"
+    if report.end is End.DATABASE:
+        text += (f"\ngave up: database problem in {db_path} for {report.waited:.0f} s ({report.detail}); "
+                 f"Alpine got no request for those rows; {st['sync_pending']} rows stay pending")
+    elif report.end is End.UNREACHABLE:
         text += (f"\ngave up: Alpine unreachable at {config.public_url} for {report.waited:.0f} s "
                  f"({report.detail}); {st['sync_pending']} rows stay pending")
     elif report.end is End.STALLED:
@@ -734,10 +750,18 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
     elif unsettled and syncer.last_error:
         text += f"\n  last error: {syncer.last_error}"
     _emit(data, as_json, text)
+    if report.end is End.DATABASE:
+        sys.exit(4)
     if report.end is End.UNREACHABLE:
         sys.exit(3)
     if unsettled:
         sys.exit(1)
+
+
+def _database_problem(db_path: str, detail: str) -> None:
+    """``sync``: the database cannot be read or written (exit 4, distinct from "unreachable")."""
+    click.echo(f"Error: database problem: {escape_controls(detail)} (nothing was sent)", err=True)
+    sys.exit(4)
 
 
 @main.command()

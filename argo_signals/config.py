@@ -9,7 +9,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Tuple
 
-from .alpine import check_api_key
+from .alpine import check_alpine_url, check_api_key
 
 __all__ = ["Config", "DEFAULT_DB", "default_db_path", "env_flag"]
 
@@ -48,7 +48,7 @@ class Config:
     register_atexit: bool = True
     atexit_timeout: float = 10.0
     handle_signals: bool = False
-    alpine_url: Optional[str] = None     # None: sync off
+    alpine_url: Optional[str] = field(default=None, repr=False)   # None: sync off (may hold credentials)
     api_key: Optional[str] = field(default=None, repr=False)
     sync_workers: int = 4
     sync_timeout: Tuple[float, float] = (5.0, 10.0)
@@ -65,7 +65,9 @@ class Config:
             raise ValueError("durability must be 'normal' or 'full'")
         if self.queue_full_timeout < 0 or self.write_retry_budget < 0 or self.atexit_timeout < 0:
             raise ValueError("timeouts and budgets must be >= 0")
-        check_api_key(self.api_key)   # ValueError (never repeating the key) if no header can carry it
+        check_api_key(self.api_key)   # ValueError (never repeating the key) if the receiver cannot compare it
+        if self.alpine_url:           # checked once, here: not a per-row retry later
+            object.__setattr__(self, "alpine_url", check_alpine_url(self.alpine_url))
         if not self.spill_path:
             object.__setattr__(self, "spill_path", f"{self.db_path}.spill.jsonl")
         object.__setattr__(self, "max_batch", max(self.max_batch, self.batch_size))

@@ -7,13 +7,14 @@ or hook runs per row.  Every text that leaves this module is redacted of the API
 """
 from __future__ import annotations
 
+import html.entities
 import socket
 import threading
 import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote
 
 import requests
 import urllib3
@@ -23,6 +24,7 @@ from tenacity import (Retrying, retry_if_result, stop_after_attempt, stop_before
 
 from .alpine import HEALTH_PATH, SIGNAL_PATH, Answer, Kind, classify
 from .breaker import Breaker, State
+from .ratelimit import Gate
 from .safetext import clip, escape_controls
 
 __all__ = ["Redactor", "safe_url", "Delivery"]
@@ -33,12 +35,14 @@ _JSON_ESCAPES = {"/": "/", "\\": "\\", '"': '"', "'": "'", "b": "", "f": "", "n"
 BODY_LIMIT = 64 * 1024  # an answer is a few hundred bytes; more is dropped unread
 SHOWN_LIMIT = 300  # characters of an answer's text kept (logged, stored), cut after redaction
 MIN_PARTIAL = 4   # a cut text ending in this much of the key's start loses that end too
+MIN_RUN = 8       # any run of this many consecutive characters of the key is redacted
+_ENTITY_MAX = 32  # longest HTML entity looked at (``&CounterClockwiseContourIntegral;``)
 
 
 def _canonical(text: str) -> Tuple[bytes, List[int], List[int]]:
     """``text`` decoded the ways a receiver may echo a value (percent escapes in any case,
-    form ``+``, JSON backslash escapes) with whitespace and ``+`` dropped, as lower-case UTF-8
-    bytes;
+    form ``+``, JSON backslash escapes, HTML character references) with whitespace and ``+``
+    dropped, as lower-case UTF-8 bytes;
     with, for each byte, the start and end of the characters of ``text`` it came from."""
     out = bytearray()
     starts: List[int] = []
@@ -52,6 +56,8 @@ def _canonical(text: str) -> Tuple[bytes, List[int], List[int]]:
             b, j = _JSON_ESCAPES[text[i + 1]].encode(), i + 2
         elif ch == "\\" and i + 5 < n and text[i + 1] == "u" and all(c in _HEX for c in text[i + 2:i + 6]):
             b, j = chr(int(text[i + 2:i + 6], 16)).encode("utf-8", "surrogatepass"), i + 6
+        elif ch == "&" and (ref := _html_reference(text, i)) is not None:
+            b, j = ref[0].encode("utf-8", "surrogatepass"), ref[1]
         else:
             b, j = ch.encode("utf-8", "surrogatepass"), i + 1
         b = bytes(x for x in b if x not in _DROP)
@@ -65,11 +71,30 @@ def _canonical(text: str) -> Tuple[bytes, List[int], List[int]]:
 _DROP = frozenset(b" \t\r\n\x0b\x0c+")
 
 
+def _html_reference(text: str, i: int) -> Optional[Tuple[str, int]]:
+    """The character of the HTML reference at ``text[i]`` (``&#115;``, ``&#x73;``, ``&amp;``)
+    and the index after it, or None."""
+    end = text.find(";", i + 1, i + _ENTITY_MAX)
+    if end < 0:
+        return None
+    name = text[i + 1:end]
+    try:
+        if name[:2] in ("#x", "#X"):
+            return chr(int(name[2:], 16)), end + 1
+        if name[:1] == "#":
+            return chr(int(name[1:], 10)), end + 1
+    except (ValueError, OverflowError):
+        return None
+    value = html.entities.html5.get(name + ";")
+    return None if value is None else (value, end + 1)
+
+
 class Redactor:
     """Replaces every echo of the secrets with ``***``: raw, JSON-escaped (``\\/``, ``\\uXXXX``),
-    percent-encoded, form-encoded (``+``), in any letter case, or broken by whitespace or
-    line breaks.  A text that ends in the first ``MIN_PARTIAL`` or more characters of a secret (a
-    cut answer) loses that end too."""
+    percent-encoded, form-encoded (``+``), HTML-escaped, in any letter case, or broken by
+    whitespace or line breaks.  Any run of ``MIN_RUN`` (8) or more consecutive characters of a
+    secret (a prefix, a suffix, a truncated echo) is replaced too, and a text that ends in the
+    first ``MIN_PARTIAL`` or more characters of a secret (a cut answer) loses that end."""
 
     def __init__(self, secrets: Iterable[Optional[str]]) -> None:
         keys: Set[bytes] = set()
@@ -82,6 +107,7 @@ class Redactor:
                     keys.add(c)
         self._raw = sorted(raw, key=len, reverse=True)
         self._keys = sorted(keys, key=len, reverse=True)
+        self._runs = frozenset(k[i:i + MIN_RUN] for k in self._keys for i in range(len(k) - MIN_RUN + 1))
 
     def __call__(self, text: Optional[str]) -> str:
         text = "" if text is None else str(text)
@@ -100,6 +126,11 @@ class Redactor:
                 if canon.endswith(key[:k]):
                     spans.append((starts[len(canon) - k], len(text)))
                     break
+        runs = self._runs
+        if runs:
+            for at in range(len(canon) - MIN_RUN + 1):
+                if canon[at:at + MIN_RUN] in runs:
+                    spans.append((starts[at], ends[at + MIN_RUN - 1]))
         if not spans:
             return text
         spans.sort()
@@ -118,15 +149,24 @@ class Redactor:
 
 
 def safe_url(url: str) -> str:
-    """``url`` without credentials: ``http://user:pw@host/`` becomes ``http://***@host/``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(unparseable URL)"
-    if "@" not in parts.netloc:
+    """``url`` without credentials: ``http://user:pw@host/`` becomes ``http://***@host/``.
+
+    Everything between ``scheme://`` and the last ``@`` is hidden, so a password holding
+    ``#``, ``/`` or ``?`` (which a URL parser would split elsewhere) is hidden too."""
+    head, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
+    return f"{head}://***@{rest.rsplit('@', 1)[1]}"
+
+
+def url_secrets(url: str) -> List[str]:
+    """The password written in ``url`` (raw and percent-decoded, 4 characters or more), to be
+    redacted wherever an answer or an error might echo it."""
+    _, sep, rest = url.partition("://")
+    if not sep or "@" not in rest or ":" not in rest.rsplit("@", 1)[0]:
+        return []
+    password = rest.rsplit("@", 1)[0].split(":", 1)[1]
+    return [s for s in {password, unquote(password)} if len(s) >= 4]
 
 
 class _AbortableAdapter(HTTPAdapter):
@@ -251,9 +291,11 @@ class _ThreadState:
 
 
 class Delivery:
-    def __init__(self, config: Any, breaker: Breaker, stopping: threading.Event, redact: Redactor) -> None:
+    def __init__(self, config: Any, breaker: Breaker, stopping: threading.Event, redact: Redactor,
+                 gate: Optional[Gate] = None) -> None:
         self.config = config
         self.breaker = breaker
+        self.gate = gate if gate is not None else Gate()
         self.stopping = stopping
         self.redact = redact
         self.retries = 0
@@ -313,8 +355,8 @@ class Delivery:
         except _TooLarge:
             answer = Answer(Kind.TRANSIENT, f"answer larger than {BODY_LIMIT // 1024} KiB (dropped)")
         except Exception as exc:
-            if alarm.expired:
-                answer = Answer(Kind.TRANSIENT, f"no complete answer within {self.deadline:g} s")
+            if alarm.expired:  # a timeout: the receiver (or the way to it) is not answering
+                answer = Answer(Kind.UNREACHABLE, f"no complete answer within {self.deadline:g} s")
             elif isinstance(exc, (requests.ConnectionError, requests.Timeout, urllib3.exceptions.TimeoutError,
                                   urllib3.exceptions.ProtocolError)):
                 answer = Answer(Kind.UNREACHABLE, type(exc).__name__ + _cause(exc))
@@ -322,18 +364,36 @@ class Delivery:
                 answer = Answer(Kind.TRANSIENT, f"unusable answer ({type(exc).__name__})")
         finally:
             self.watchdog.disarm(alarm)
+        # redacted before anything keeps it (the breaker's reason is printed by `sync`)
+        answer.detail = clip(escape_controls(self.redact(answer.detail)), SHOWN_LIMIT)
         if answered:
             self.answered += 1
-            self.breaker.success()
-        elif answer.kind is Kind.UNREACHABLE or self.breaker.state is State.HALF_OPEN:
-            self.breaker.failure(answer.detail)  # (a trial without a usable answer opens it again)
-        answer.detail = clip(escape_controls(self.redact(answer.detail)), SHOWN_LIMIT)
+            self._heed(answer)
+            if answer.kind is Kind.UNREACHABLE:   # a proxy's 502/503/504: the receiver is down
+                self.breaker.failure(answer.detail)
+            else:
+                self.breaker.success()
+        else:
+            self.gate.no_answer()
+            if answer.kind is Kind.UNREACHABLE or self.breaker.state is State.HALF_OPEN:
+                self.breaker.failure(answer.detail)  # (a trial without a usable answer opens it again)
         return answer
+
+    def _heed(self, answer: Answer) -> None:
+        """A rate limit (429, or a Retry-After on a 503) holds every request of the sync."""
+        if answer.kind is Kind.RATE_LIMITED or (answer.kind is Kind.UNREACHABLE and answer.retry_after is not None):
+            wait = self.config.max_backoff if answer.retry_after is None else answer.retry_after
+            self.gate.hold(min(wait, self.config.max_retry_after))
+        else:
+            self.gate.answered()
 
     def post(self, body: bytes, trial: bool = False) -> Answer:
         """Post one body once (``trial``: the one row let through while the breaker is half open)."""
         if self.breaker.is_open and not trial:
             return Answer(Kind.UNREACHABLE, self.breaker.reason)
+        if not trial and not self.gate.admit():
+            wait = self.gate.remaining()
+            return Answer(Kind.RATE_LIMITED, f"rate limited by the receiver: waiting {wait:.0f} s", wait)
         st = self._state()
         req = st.post.copy()
         req.body = body
@@ -341,19 +401,27 @@ class Delivery:
         return self._exchange(req, st)
 
     def probe(self) -> Optional[str]:
-        """Ask the health endpoint once: None if the receiver answered (any status), else why not."""
+        """Ask the health endpoint once: None if the receiver answered, else why not (no answer,
+        a proxy's 502/503/504, or a rate limit, which also holds the whole sync)."""
         st = self._state()
         alarm = self.watchdog.arm(self.deadline, st.sockets)
         try:
             resp = st.adapter.send(st.health.copy(), **st.send_kw)
-            resp.close()
-            return None
+            try:
+                content = _read_capped(resp, BODY_LIMIT)
+            finally:
+                resp.close()
         except Exception as exc:
             if alarm.expired:
                 return f"no answer within {self.deadline:g} s"
             return escape_controls(self.redact(type(exc).__name__ + _cause(exc)))
         finally:
             self.watchdog.disarm(alarm)
+        answer = classify(resp.status_code, resp.headers, content, resp.reason or "")
+        if answer.kind not in (Kind.UNREACHABLE, Kind.RATE_LIMITED):
+            return None
+        self._heed(answer)
+        return clip(escape_controls(self.redact(answer.detail)), SHOWN_LIMIT)
 
     # -- one row, with retries -------------------------------------------------------------------
     def _again(self, answer: Answer) -> bool:

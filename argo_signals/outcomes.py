@@ -1,8 +1,11 @@
 """Outcomes: what became of each claimed row, written to the database, counted and logged.
 
 Final outcomes (synced, rejected, skipped) are queued and written in batches by whichever
-thread finds the database free; a row given back (transient, unreachable, auth, redirect) is
-released at once.  The last error is kept in memory for ``stats()`` and in the
+thread finds the database free; a row given back (transient, unreachable, rate limited, auth,
+redirect) is released at once.  Only an answer about the row itself (``transient``: a 500 of
+the receiver's own, an unreadable answer) spends one of its attempts: an outage or a rate
+limit is the receiver's state, not the row's.  Every write names the row as it was claimed
+(its id, hash and database file: see ``store``), so an outcome lands on that row only.  The last error is kept in memory for ``stats()`` and in the
 ``sync_last_error`` table for ``argo-signals status``.  Every text is redacted of the key.
 """
 from __future__ import annotations
@@ -37,21 +40,20 @@ def read_last_error(conn: sqlite3.Connection) -> Optional[Dict[str, str]]:
 
 class Outcomes:
     def __init__(self, config: Any, token: str, conn: Callable[[], sqlite3.Connection],
-                 redact: Callable[[Optional[str]], str], where: str,
-                 generation: Callable[[], int]) -> None:
+                 redact: Callable[[Optional[str]], str], where: str) -> None:
         self.config = config
-        self.generation = generation            # the database file now open (see Syncer)
         self.token = token
         self._conn = conn
         self.redact = redact
         self.where = where                      # the receiver's URL, without credentials
         self.counts: Dict[str, int] = {"synced": 0, "rejected": 0, "skipped": 0, "auth": 0,
-                                       "redirect": 0, "endpoint": 0, "transient": 0, "unreachable": 0}
+                                       "redirect": 0, "endpoint": 0, "transient": 0, "unreachable": 0,
+                                       "rate_limited": 0}
         self._transient_warned = False         # one WARNING per streak of transient answers
         self.handled = 0                        # rows done with for now (for progress bars)
         self.last_error: Optional[str] = None
         self.config_error: Optional[str] = None  # a 3xx or 401/403 answer, until a row syncs again
-        self._settled: List[Tuple[int, int, str, Optional[str]]] = []  # (generation, id, status, error)
+        self._settled: List[Tuple[Dict[str, Any], str, Optional[str]]] = []  # (claimed row, status, error)
         self._settle_lock = threading.Lock()   # one writer of outcomes at a time
         self._queue_lock = threading.Lock()    # guards the list itself (append and swap)
         self._count_lock = threading.Lock()
@@ -85,21 +87,23 @@ class Outcomes:
                 self.handled += 1
 
     # -- rows ------------------------------------------------------------------------------------
-    def refused(self, generation: int, row: Dict[str, Any], status: str, reason: str) -> None:
+    def refused(self, row: Dict[str, Any], status: str, reason: str) -> None:
         """A row the receiver would refuse for good: settled without a request."""
         self._count(status)
         if status == "rejected":
             log.warning("signal %s not synced (rejected locally): %s", row["signal_id"], reason)
-        self._settle(generation, row["id"], status, reason)
+        self._settle(row, status, reason)
 
-    def record(self, generation: int, row: Dict[str, Any], answer: Answer, breaker_open: bool,
-               forced: bool) -> None:
+    def record(self, row: Dict[str, Any], answer: Answer, breaker_open: bool, forced: bool,
+               paused_until: Optional[float] = None) -> None:
+        """Write what ``answer`` means for ``row`` (``paused_until``: the wall-clock end of a rate
+        limit in force, before which a row given back is not due)."""
         cfg = self.config
-        rid, sid, kind = row["id"], row["signal_id"], answer.kind
+        sid, kind = row["signal_id"], answer.kind
         detail = escape_controls(self.redact(answer.detail))
         if kind is Kind.SYNCED:
             self._count("synced")
-            self._settle(generation, rid, "synced", None)
+            self._settle(row, "synced", None)
             with self._count_lock:
                 was, self.config_error = self.config_error, None
                 self._transient_warned = False
@@ -107,7 +111,7 @@ class Outcomes:
                 log.warning("Alpine at %s accepts the signals again", self.where)
         elif kind is Kind.REJECTED:
             self._count("rejected")
-            self._settle(generation, rid, "rejected", detail)
+            self._settle(row, "rejected", detail)
             log.warning("signal %s rejected by Alpine: %s", sid, detail)
         elif kind in (Kind.AUTH, Kind.REDIRECT, Kind.ENDPOINT):
             self._count(kind.value, handled=False)
@@ -125,13 +129,29 @@ class Outcomes:
                               "elsewhere): set ALPINE_API_URL to the final address; signals stay pending",
                               self.where, detail)
             self.error(detail)
-            store.release(self._conn(), rid, self.token, detail, False, time.time() + cfg.auth_pause,
+            store.release(self._conn(), row, self.token, detail, False, time.time() + cfg.auth_pause,
                           cfg.max_attempts)
-        elif kind is Kind.UNREACHABLE and breaker_open:
-            # the breaker speaks for the outage once; the row goes back untouched, due at once
+        elif kind is Kind.RATE_LIMITED:
+            # the whole sync waits (see ratelimit.py); the row goes back untouched, due after it
+            self._count("rate_limited", handled=False)
+            self.error(f"rate limited: {detail}", persist=False)
+            with self._count_lock:  # one WARNING per streak, until a row syncs again
+                first, self._transient_warned = not self._transient_warned, True
+            (log.warning if first else log.debug)(
+                "Alpine at %s is rate limiting (%s); the whole sync waits, signals stay pending", self.where, detail)
+            store.release(self._conn(), row, self.token, f"rate limited: {detail}", False,
+                          None if forced else paused_until, cfg.max_attempts)
+        elif kind is Kind.UNREACHABLE:
+            # the receiver is down: the breaker speaks for the outage once; the row goes back
+            # untouched (due at once when the breaker is open: the probe decides when)
             self._count("unreachable", handled=False)
-            store.release(self._conn(), rid, self.token, f"unreachable: {detail}", False,
-                          None if forced else row.get("sync_next_at"), cfg.max_attempts)
+            if not breaker_open:
+                self.error(f"{sid}: {detail}", persist=False)
+            due = row.get("sync_next_at")
+            if not breaker_open and not forced:
+                due = time.time() + min(cfg.redelivery_max, cfg.redelivery_base)
+            store.release(self._conn(), row, self.token, f"unreachable: {detail}", False,
+                          None if forced else due, cfg.max_attempts)
         else:
             self._count("transient")
             self.error(f"{sid}: {detail}", persist=False)
@@ -139,7 +159,7 @@ class Outcomes:
             delay = min(cfg.redelivery_max, cfg.redelivery_base * 2 ** max(0, attempts - 1))
             if answer.retry_after is not None:  # the receiver's own wait is a floor (clamped)
                 delay = max(delay, min(answer.retry_after, cfg.max_retry_after))
-            status = store.release(self._conn(), rid, self.token, detail, True, time.time() + delay,
+            status = store.release(self._conn(), row, self.token, detail, True, time.time() + delay,
                                    cfg.max_attempts)
             if status == "failed":
                 self.error(f"{sid}: {detail}")
@@ -156,18 +176,18 @@ class Outcomes:
 
     def interrupted(self, row: Dict[str, Any]) -> None:
         """A row claimed but not sent (stopping): back to pending as it was."""
-        store.release(self._conn(), row["id"], self.token, row.get("sync_error"), False,
+        store.release(self._conn(), row, self.token, row.get("sync_error"), False,
                       row.get("sync_next_at"), self.config.max_attempts)
 
     # -- batched final outcomes ------------------------------------------------------------------
-    def _settle(self, generation: int, row_id: int, status: str, error: Optional[str]) -> None:
+    def _settle(self, row: Dict[str, Any], status: str, error: Optional[str]) -> None:
         """Queue a final outcome; written once a batch has gathered or it has waited a little
         (and always when the sync goes idle or stops: see ``Syncer``)."""
         now = time.monotonic()
         with self._queue_lock:
             if not self._settled:
                 self._oldest = now
-            self._settled.append((generation, row_id, status, error))
+            self._settled.append((row, status, error))
             due = len(self._settled) >= self.batch or now - self._oldest >= self.max_wait
         if due:
             self.flush()
@@ -177,7 +197,7 @@ class Outcomes:
 
         With ``wait`` it waits that long for a flush in progress on another thread to end
         (so that what that thread holds is written when this returns).  Outcomes of rows
-        claimed from a database file that has since been replaced are dropped.
+        claimed from a database file that has since been replaced match no row (``store``).
         """
         while True:
             if not (self._settle_lock.acquire(timeout=wait) if wait > 0 else self._settle_lock.acquire(False)):
@@ -187,9 +207,8 @@ class Outcomes:
                     batch, self._settled = self._settled, []
                 if not batch:
                     return
-                current = self.generation()
                 try:
-                    store.settle_many(self._conn(), self.token, [b[1:] for b in batch if b[0] == current])
+                    store.settle_many(self._conn(), self.token, batch)
                 except Exception as exc:
                     with self._queue_lock:
                         self._settled[:0] = batch

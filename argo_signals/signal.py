@@ -249,6 +249,7 @@ def normalise(signal: Mapping[str, Any]) -> tuple:
         confidence = _number("confidence", confidence)
         if not 0.0 <= confidence <= 100.0:
             raise SignalValidationError("confidence", f"must be within 0-100, got {get('confidence')!r}")
+    confidence += 0.0   # -0.0 becomes 0.0: the hash must see what the database stores
 
     sid = get("signal_id")
     now = time.time()

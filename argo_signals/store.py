@@ -15,15 +15,15 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import sqlite_utils
 
 from .signal import FINISHED_FIELDS, UPDATABLE, DefaultTimestamp
 
 __all__ = ["connect", "connect_readonly", "readonly_uri", "SYNC_STATUSES", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
-           "SIGNAL_COLUMNS", "utc_now", "status_counts", "claim_due", "settle", "settle_many", "release",
-           "settle_refused",
+           "SIGNAL_COLUMNS", "utc_now", "status_counts", "claim_due", "reclaim", "settle", "settle_many",
+           "release", "settle_refused", "file_token",
            "reset_status"]
 
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}
@@ -269,11 +269,41 @@ def status_counts(conn: sqlite3.Connection) -> Dict[str, int]:
         "SELECT sync_status, count(*) FROM signals GROUP BY sync_status")}
 
 
+# The outbox names its database file: a random token kept in the file itself, read in the
+# same transaction as a claim and checked in the same transaction as an outcome, so an outcome
+# can only land in the file its row was claimed from (not in a file moved into its place).
+_FILE_TABLE = "sync_file"
+
+
+def file_token(conn: sqlite3.Connection) -> str:
+    """This database file's token (created on first use; call inside a write transaction)."""
+    try:
+        rec = conn.execute(f"SELECT token FROM {_FILE_TABLE} WHERE id = 1").fetchone()
+    except sqlite3.OperationalError:   # no such table yet
+        rec = None
+    if rec is not None:
+        return str(rec[0])
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {_FILE_TABLE} "
+                 "(id INTEGER PRIMARY KEY CHECK (id = 1), token TEXT NOT NULL)")
+    conn.execute(f"INSERT OR IGNORE INTO {_FILE_TABLE} (id, token) VALUES (1, ?)", (os.urandom(16).hex(),))
+    return str(conn.execute(f"SELECT token FROM {_FILE_TABLE} WHERE id = 1").fetchone()[0])
+
+
+def _current_token(conn: sqlite3.Connection) -> Optional[str]:
+    try:
+        rec = conn.execute(f"SELECT token FROM {_FILE_TABLE} WHERE id = 1").fetchone()
+    except sqlite3.OperationalError:
+        return None
+    return None if rec is None else str(rec[0])
+
+
 def claim_due(conn: sqlite3.Connection, token: str, limit: int, lease: float,
               after_id: Optional[int] = None, now: Optional[float] = None) -> List[Dict[str, Any]]:
-    """Atomically claim up to ``limit`` due pending rows (oldest first) for this claimer.
+    """Atomically claim up to ``limit`` due, unclaimed pending rows (oldest first) for ``token``.
 
     With ``after_id`` (a forced run) rows are taken whether due or not, in id order after it.
+    Each row carries ``sync_file``, the token of the file it was claimed from.  Claims held by
+    others are freed only by ``reclaim``.
     """
     now = time.time() if now is None else now
     due = ("AND (sync_next_at IS NULL OR sync_next_at <= :now)" if after_id is None
@@ -281,45 +311,82 @@ def claim_due(conn: sqlite3.Connection, token: str, limit: int, lease: float,
     with _immediate(conn):
         rows = [dict(zip([d[0] for d in cur.description], rec)) for cur in [conn.execute(
             f"SELECT * FROM signals WHERE sync_status = 'pending' {due} "
-            "AND (sync_claim_until IS NULL OR sync_claim_until < :now) ORDER BY id LIMIT :limit",
+            "AND sync_claim IS NULL ORDER BY id LIMIT :limit",
             {"now": now, "limit": limit, "after": after_id})] for rec in cur.fetchall()]
         if rows:
+            this_file = file_token(conn)
             ids = [r["id"] for r in rows]
             conn.execute(f"UPDATE signals SET sync_claim = ?, sync_claim_until = ? "
                          f"WHERE id IN ({', '.join('?' * len(ids))})", (token, now + lease, *ids))
+            for r in rows:
+                r["sync_file"] = this_file
     return rows
 
 
-def settle(conn: sqlite3.Connection, row_id: int, token: str, status: str,
-           error: Optional[str] = None) -> None:
+def reclaim(conn: sqlite3.Connection, token: str, owner_alive: Callable[[str], Optional[bool]],
+            now: Optional[float] = None) -> int:
+    """Free the claims of other owners that are gone (``owner_alive`` False: at once) or that
+    cannot be judged (None: once their lease has passed); returns how many rows were freed."""
+    now = time.time() if now is None else now
+    freed = 0
+    with _immediate(conn):
+        owners = [o for (o,) in conn.execute(
+            "SELECT DISTINCT sync_claim FROM signals WHERE sync_status = 'pending' "
+            "AND sync_claim IS NOT NULL AND sync_claim != ?", (token,))]
+        for owner in owners:
+            alive = owner_alive(str(owner))
+            if alive:
+                continue
+            lease = "" if alive is False else "AND (sync_claim_until IS NULL OR sync_claim_until < ?)"
+            cur = conn.execute(
+                f"UPDATE signals SET sync_claim = NULL, sync_claim_until = NULL "
+                f"WHERE sync_status = 'pending' AND sync_claim = ? {lease}",
+                (owner,) if alive is False else (owner, now))
+            freed += cur.rowcount
+    return freed
+
+
+Claimed = Mapping[str, Any]   # a row as claim_due returned it (id, sha256, sync_file...)
+
+
+def settle(conn: sqlite3.Connection, row: Claimed, token: str, status: str,
+           error: Optional[str] = None) -> int:
     """Record a final outcome (synced, rejected, skipped) for a row this claimer holds."""
-    settle_many(conn, token, [(row_id, status, error)])
+    return settle_many(conn, token, [(row, status, error)])
 
 
 def settle_many(conn: sqlite3.Connection, token: str,
-                outcomes: Sequence[Tuple[int, str, Optional[str]]]) -> None:
-    """Record final outcomes [(row_id, status, error)] in one transaction."""
+                outcomes: Sequence[Tuple[Claimed, str, Optional[str]]]) -> int:
+    """Record final outcomes [(claimed row, status, error)] in one transaction; returns how
+    many rows were marked.
+
+    An outcome lands only in the file its row was claimed from and only on that very row
+    (same id and same hash) while it is still this claimer's (or nobody's).
+    """
     now = utc_now()
-    groups: Dict[Tuple[str, Optional[str]], List[int]] = {}
-    for rid, status, error in outcomes:  # one statement per distinct outcome, not per row
-        groups.setdefault((status, error), []).append(rid)
     with _immediate(conn):
-        for (status, error), ids in groups.items():
-            for i in range(0, len(ids), 500):
-                chunk = ids[i:i + 500]
-                conn.execute(
-                    f"UPDATE signals SET sync_status = ?, sync_error = ?, synced_at = ?, sync_claim = NULL, "
-                    f"sync_claim_until = NULL WHERE (sync_claim = ? OR sync_claim IS NULL) "
-                    f"AND id IN ({', '.join('?' * len(chunk))})",
-                    (status, error, now if status == "synced" else None, token, *chunk))
+        this_file = _current_token(conn)
+        params = [(status, error, now if status == "synced" else None, row["id"], row["sha256"], token)
+                  for row, status, error in outcomes if this_file is not None and row.get("sync_file") == this_file]
+        if not params:
+            return 0
+        before = conn.total_changes
+        conn.executemany(
+            "UPDATE signals SET sync_status = ?, sync_error = ?, synced_at = ?, sync_claim = NULL, "
+            "sync_claim_until = NULL WHERE id = ? AND sha256 = ? AND (sync_claim = ? OR sync_claim IS NULL)",
+            params)
+        return conn.total_changes - before
 
 
-def release(conn: sqlite3.Connection, row_id: int, token: str, error: Optional[str],
+def release(conn: sqlite3.Connection, row: Claimed, token: str, error: Optional[str],
             count_attempt: bool, next_at: Optional[float], max_attempts: int) -> str:
-    """Give a claimed row back unsettled; returns its new status (pending or failed)."""
+    """Give a claimed row back unsettled; returns its new status (pending or failed), or
+    ``lost-claim`` when this claimer no longer holds that row in that file."""
     with _immediate(conn):
-        cur = conn.execute("SELECT sync_attempts FROM signals WHERE id = ? AND sync_claim = ?",
-                           (row_id, token)).fetchone()
+        cur = None
+        if row.get("sync_file") is not None and row.get("sync_file") == _current_token(conn):
+            cur = conn.execute("SELECT sync_attempts FROM signals WHERE id = ? AND sha256 = ? AND sync_claim = ?",
+                               (row["id"], row["sha256"], token)).fetchone()
         if cur is None:
             return "lost-claim"
         attempts = cur[0] + (1 if count_attempt else 0)
@@ -327,7 +394,7 @@ def release(conn: sqlite3.Connection, row_id: int, token: str, error: Optional[s
         conn.execute(
             "UPDATE signals SET sync_status = ?, sync_attempts = ?, sync_error = ?, "
             "sync_next_at = ?, sync_claim = NULL, sync_claim_until = NULL WHERE id = ?",
-            (status, attempts, error, next_at, row_id))
+            (status, attempts, error, next_at, row["id"]))
     return status
 
 

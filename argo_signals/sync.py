@@ -3,7 +3,9 @@
 The sync state lives in the ``signals`` table, so it survives restarts.  A *pump* task claims
 due ``pending`` rows atomically (``BEGIN IMMEDIATE`` + a claim token with an expiry) and
 submits one delivery per row (``delivery.py``); each outcome is written by ``outcomes.py``.
-A circuit breaker (``breaker.py``) stops per-row sending while the receiver is unreachable.
+A circuit breaker (``breaker.py``) stops per-row sending while the receiver is unreachable;
+a rate limit holds the whole sync (``ratelimit.py``).  A claim names its owner process
+(``owner.py``): a live owner's claims are never taken over, a dead one's are freed at once.
 The writer nudges the pump after each commit and on every tick.  The contract itself (body,
 refusals, answers) is ``alpine.py``; the ``sync`` command's drain mode is ``drain.py``.
 """
@@ -16,17 +18,17 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from . import lifecycle, store
-from .alpine import (HEALTH_PATH, SIGNAL_PATH, Answer, Kind, check_api_key, fraction_warning,
+from . import lifecycle, owner, store
+from .alpine import (HEALTH_PATH, SIGNAL_PATH, Answer, Kind, check_alpine_url, check_api_key, fraction_warning,
                      parse_retry_after, payload, refusal, refusal_sql, register_sql_functions)
 from .breaker import Breaker, Prober
-from .delivery import Delivery, Redactor, safe_url
+from .delivery import Delivery, Redactor, safe_url, url_secrets
 from .outcomes import Outcomes
+from .ratelimit import Gate
 from .lifecycle import EXITING as interpreter_exiting
 
 __all__ = ["SyncConfig", "Syncer", "SIGNAL_PATH", "HEALTH_PATH", "payload", "parse_retry_after",
@@ -57,9 +59,7 @@ class SyncConfig:
     busy_timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        self.alpine_url = self.alpine_url.rstrip("/")
-        if not self.alpine_url.startswith(("http://", "https://")):
-            raise ValueError("alpine_url must start with http:// or https://")
+        self.alpine_url = check_alpine_url(self.alpine_url)
         if self.workers < 1:
             raise ValueError("sync_workers must be >= 1")
         check_api_key(self.api_key)
@@ -77,7 +77,7 @@ class Syncer:
     def __init__(self, db_path: str, config: SyncConfig) -> None:
         self.db_path = db_path
         self.config = config
-        self.redact = Redactor([config.api_key])
+        self.redact = Redactor([config.api_key, *url_secrets(config.alpine_url)])
         self.forced_after: Optional[int] = None   # drain mode: take rows due or not, once each
         self.claim_budget: Optional[int] = None
         self._init_runtime()
@@ -90,7 +90,12 @@ class Syncer:
         self._stopping = threading.Event()
         self._executor: Optional[ThreadPoolExecutor] = None
         self._local = threading.local()
-        self._token = uuid.uuid4().hex
+        self._token = owner.new_token()
+        self.reclaimed = 0             # rows freed from claims of owners that are gone
+        self._claimed_any = False      # (nothing to release at stop otherwise)
+        self.db_error: Optional[str] = None   # the last claim's database error, until one succeeds
+        self._reclaim_at = 0.0         # (monotonic) next look for claims of dead owners
+        self._wake: Optional[threading.Timer] = None
         self._inflight = 0
         self._pumping = False
         self._renudge = False
@@ -108,11 +113,11 @@ class Syncer:
         one = 2 * sum(cfg.timeout) + cfg.retry_budget + cfg.max_backoff + cfg.max_retry_after
         self.lease = math.ceil(self.max_inflight / cfg.workers) * one + 60.0
         self.breaker = Breaker(cfg.breaker_threshold, cfg.probe_base, cfg.probe_max)
-        self.delivery = Delivery(cfg, self.breaker, self._stopping, self.redact)
+        self.gate = Gate()
+        self.delivery = Delivery(cfg, self.breaker, self._stopping, self.redact, self.gate)
         self.prober = Prober(self.breaker, self.delivery.probe, self._stopping, self._unreachable,
-                             self._reachable, self.nudge)
-        self.outcomes = Outcomes(cfg, self._token, self._conn, self.redact, cfg.public_url,
-                                 lambda: self._generation)
+                             self._reachable, self.nudge, hold=self.gate.remaining)
+        self.outcomes = Outcomes(cfg, self._token, self._conn, self.redact, cfg.public_url)
 
     def __repr__(self) -> str:
         return f"Syncer(alpine_url={self.config.public_url!r}, workers={self.config.workers})"
@@ -174,6 +179,11 @@ class Syncer:
             return
         if time.monotonic() < self._paused_until:
             return
+        if self.gate.closed:
+            held = self.gate.remaining()
+            if held > 0:
+                self._wake_after(held)
+            return
         with self._lock:
             if self._pumping:
                 self._renudge = True
@@ -191,7 +201,21 @@ class Syncer:
 
     def _may_claim(self) -> bool:
         return (not self._stopping.is_set() and (not self.breaker.is_open or self.breaker.trial_free)
-                and time.monotonic() >= self._paused_until)
+                and time.monotonic() >= self._paused_until and not self.gate.closed)
+
+    RECLAIM_EVERY = 5.0   # seconds between looks for claims of owners that are gone
+
+    def _reclaim(self) -> None:
+        """Free the claims of owners that are gone (at the first pump, then now and then)."""
+        now = time.monotonic()
+        if now < self._reclaim_at:
+            return
+        self._reclaim_at = now + self.RECLAIM_EVERY
+        freed = store.reclaim(self._conn(), self._token, owner.Liveness().owner_alive)
+        if freed:
+            with self._lock:
+                self.reclaimed += freed
+            log.warning("took back %d sync claims left by a process that is gone", freed)
 
     def _pump(self) -> None:
         try:
@@ -208,14 +232,21 @@ class Syncer:
                 trial = self.breaker.is_open  # half open: one row, due or not, as the trial
                 if trial and not self.breaker.take_trial():
                     break
+                testing = self.gate.testing_next  # a rate limit just ended: one row tests it
+                if testing:
+                    room = 1
                 try:
+                    self._reclaim()
                     rows = store.claim_due(self._conn(), self._token, 1 if trial else room, self.lease,
                                            0 if trial else self.forced_after)
-                except sqlite3.OperationalError as exc:  # busy beyond the timeout: next nudge
+                    self.db_error = None
+                    self._claimed_any = self._claimed_any or bool(rows)
+                except sqlite3.Error as exc:  # busy beyond the timeout, unreadable: next nudge
                     if trial:
                         self.breaker.return_trial()
-                    self.outcomes.error(f"claim deferred: {exc}", persist=False)
-                    log.warning("sync claim deferred (%s); retried on the next tick", exc)
+                    self.db_error = f"{type(exc).__name__}: {exc}"
+                    self.outcomes.error(f"claim deferred (database): {exc}", persist=False)
+                    log.warning("sync claim deferred (database: %s); retried on the next tick", exc)
                     break
                 if not rows:
                     if trial:  # nothing to try: the health check's answer is all there is
@@ -229,6 +260,8 @@ class Syncer:
                 for row in rows:
                     if not self._dispatch(generation, row, trial):
                         return
+                if testing:
+                    break
         finally:
             with self._lock:
                 self._pumping = False
@@ -243,7 +276,7 @@ class Syncer:
     def _dispatch(self, generation: int, row: Dict[str, Any], trial: bool = False) -> bool:
         refused = refusal(row)
         if refused is not None:
-            self.outcomes.refused(generation, row, *refused)
+            self.outcomes.refused(row, *refused)
             if trial:
                 self.breaker.return_trial()
             return True
@@ -303,16 +336,39 @@ class Syncer:
         if answer.kind is Kind.UNREACHABLE and self._stopping.is_set():
             self.outcomes.interrupted(row)  # (an answer that did come is recorded, even now)
             return
-        self.outcomes.record(generation, row, answer, self.breaker.is_open, self.forced_after is not None)
+        held = self.gate.remaining()
+        self.outcomes.record(row, answer, self.breaker.is_open, self.forced_after is not None,
+                             time.time() + held if held > 0 else None)
         if answer.kind in (Kind.AUTH, Kind.REDIRECT, Kind.ENDPOINT):
             self._paused_until = time.monotonic() + self.config.auth_pause
-        elif answer.kind is Kind.UNREACHABLE and self.breaker.is_open:
+        elif answer.kind is Kind.RATE_LIMITED or (answer.kind is Kind.UNREACHABLE and self.breaker.is_open):
             with self._lock:  # the drain takes it again once the receiver answers
                 if self.forced_after is not None:
                     self.forced_after = min(self.forced_after, row["id"] - 1)
                 if self.claim_budget is not None:
                     self.claim_budget += 1
-            self.prober.ensure()
+            if answer.kind is Kind.RATE_LIMITED:
+                self._wake_after(held)
+            else:
+                self.prober.ensure()
+
+    def _wake_after(self, seconds: float) -> None:
+        """Pump again when the rate limit ends (nothing else may come to nudge)."""
+        with self._lock:  # one timer at a time (a nudge per commit must not start one each)
+            if self._stopping.is_set() or self._wake is not None:
+                return
+            self._wake = threading.Timer(seconds + 0.01, self._woken)
+            self._wake.daemon = True
+            self._wake.start()
+
+    def _woken(self) -> None:
+        with self._lock:
+            self._wake = None
+        self.nudge()   # (still held: it sets the next timer)
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.gate.closed
 
     # -- the breaker's two ends ---------------------------------------------------------------------
     def _unreachable(self, reason: str) -> None:
@@ -378,19 +434,23 @@ class Syncer:
             self.delivery.abort()
             log.warning("sync stopped with requests in flight; their sockets were aborted")
             self.wait_idle(1.0)
+        if self._wake is not None:
+            self._wake.cancel()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self.delivery.close()
         self.outcomes.flush(wait=1.0)  # whatever is still queued, before the claims are released
         try:  # rows claimed but never started go back to pending at once
-            conn = store.connect(self.db_path, self.config.durability, self.config.busy_timeout)
-            try:
-                conn.execute("UPDATE signals SET sync_claim = NULL, sync_claim_until = NULL "
-                             "WHERE sync_claim = ?", (self._token,))
-            finally:
-                conn.close()
+            if self._claimed_any:
+                conn = store.connect(self.db_path, self.config.durability, self.config.busy_timeout)
+                try:
+                    conn.execute("UPDATE signals SET sync_claim = NULL, sync_claim_until = NULL "
+                                 "WHERE sync_claim = ?", (self._token,))
+                finally:
+                    conn.close()
         except Exception as exc:
-            log.warning("could not release sync claims (%s); they expire by themselves", exc)
+            log.warning("could not release sync claims (%s); the next run takes them back", exc)
+        owner.forget(self._token)
         lifecycle.unwatch(self._watch)
         return clean
 

@@ -5,7 +5,9 @@ verifying the hash, applies the receiver's storage checks (from ``alpine.REFUSAL
 length after upper-casing), and stores in memory.  Faults can be injected: queued answers
 (e.g. 500s, 429 with Retry-After, 401, raw unparseable bodies), redirects (``redirect()``), a
 receiver that echoes the key it was sent in its error answers (``echo_key = True``), a delay
-before answering, and going down (connections refused until ``start()`` again).
+before answering, going down (connections refused until ``start()`` again), and a proxy in
+front of a down backend (``outage = (502, b"<html>...", {})``: every request, health checks
+included, gets that answer until ``outage = None``).
 
     >>> from argo_signals.testing import AlpineServer
     >>> server = AlpineServer(api_key="k").start()
@@ -71,6 +73,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         srv: AlpineServer = self.server.alpine  # type: ignore[attr-defined]
+        outage = srv.outage
+        if outage is not None:
+            srv.outage_answers += 1
+            return self._answer(*outage)
         if self.path == HEALTH_PATH:
             srv.health_checks += 1
             return self._answer(200, {"status": "healthy"})
@@ -84,6 +90,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != SIGNAL_PATH:
             return self._answer(404, {"detail": "Not Found"})
         srv.record_request(self.headers, raw, "POST")
+        outage = srv.outage
+        if outage is not None:
+            srv.outage_answers += 1
+            return self._answer(*outage)
         if srv.delay:
             time.sleep(srv.delay)
         fault = srv.next_fault()
@@ -148,6 +158,8 @@ class AlpineServer:
         self.delay = 0.0
         self.echo_key = False
         self.health_checks = 0
+        self.outage: Optional[Tuple[int, Any, Dict[str, str]]] = None   # a proxy answering for a down backend
+        self.outage_answers = 0
         self.port = port
         self._httpd: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None

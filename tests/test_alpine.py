@@ -67,9 +67,11 @@ def test_retry_after_never_raises(value, expected):
     (201, {}, b"\xff\xfe not json", Kind.TRANSIENT),
     (307, {"Location": "http://elsewhere/x"}, b"", Kind.REDIRECT),
     (401, {}, b'{"detail": "Invalid API key"}', Kind.AUTH),
-    (503, {"Retry-After": "\u00b2"}, b"{}", Kind.TRANSIENT),
+    (503, {"Retry-After": "\u00b2"}, b"{}", Kind.UNREACHABLE),       # a proxy's 503: the receiver is down
+    (500, {"Retry-After": "\u00b2"}, b'{"detail": "x"}', Kind.TRANSIENT),
     (422, {}, b'{"detail": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", Kind.REJECTED),
-    (500, {}, b"<html>oops</html>", Kind.TRANSIENT),
+    (500, {}, b"<html>oops</html>", Kind.UNREACHABLE),                # no receiver's JSON body: an outage
+    (429, {"Retry-After": "x"}, b"{}", Kind.RATE_LIMITED),
 ])
 def test_classify_never_raises(status, headers, body, kind):
     answer = classify(status, headers, body)
@@ -87,7 +89,7 @@ def test_a_key_that_cannot_be_a_header_is_refused_without_repeating_it(key):
 
 
 def test_a_good_key_passes():
-    assert check_api_key("abc-DEF_123.\u00e9") == "abc-DEF_123.\u00e9" and check_api_key(None) is None
+    assert check_api_key("abc-DEF_123.~ +/=") == "abc-DEF_123.~ +/=" and check_api_key(None) is None
 
 
 def test_redaction_covers_raw_escaped_and_percent_encoded_forms():

@@ -146,10 +146,10 @@ def test_claim_settle_release_and_reset(conn):
     claimed = store.claim_due(conn, "me", limit=3, lease=60)
     assert [r["signal_id"] for r in claimed] == ["s0", "s1", "s2"]
     assert store.claim_due(conn, "other", limit=10, lease=60)[0]["signal_id"] == "s3"
-    store.settle(conn, claimed[0]["id"], "me", "synced")
-    store.settle_many(conn, "me", [(claimed[1]["id"], "rejected", "400")])
-    assert store.release(conn, claimed[2]["id"], "me", "timeout", True, None, max_attempts=1) == "failed"
-    assert store.release(conn, claimed[2]["id"], "me", "x", True, None, 1) == "lost-claim"
+    assert store.settle(conn, claimed[0], "me", "synced") == 1
+    store.settle_many(conn, "me", [(claimed[1], "rejected", "400")])
+    assert store.release(conn, claimed[2], "me", "timeout", True, None, max_attempts=1) == "failed"
+    assert store.release(conn, claimed[2], "me", "x", True, None, 1) == "lost-claim"
     assert store.status_counts(conn) == {"synced": 1, "rejected": 1, "failed": 1, "pending": 1}
     assert store.reset_status(conn, ["rejected", "failed"]) == 2
     assert store.status_counts(conn) == {"synced": 1, "pending": 3}

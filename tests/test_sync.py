@@ -74,7 +74,7 @@ def test_500s_and_429_are_retried_and_retry_after_respected(db, alpine):
     with tracker(db, alpine, sync_workers=1) as t:
         t.log_signal(make_signal(1))
         assert wait_for(lambda: all_settled(db, 1), 15)
-        assert t.stats()["sync_retries"] >= 3
+        assert t.stats()["sync_retries"] >= 2   # (the 429 ends the claim: the whole sync waits)
     times = [r["time"] for r in alpine.requests]
     assert len(times) == 4
     assert times[3] - times[2] >= 0.95  # the Retry-After: 1 floor
@@ -192,13 +192,13 @@ def test_401_keeps_rows_pending_logs_error_once_and_never_leaks_key(db, alpine, 
 
 
 def test_retries_exhausted_counts_attempts_then_failed(db, alpine):
-    alpine.fail(503, times=1000)
+    alpine.fail(500, times=1000)   # the receiver's own 500 (a 502/503/504 is an outage: no attempt)
     with tracker(db, alpine, sync_workers=1, max_sync_attempts=2, sync_retry_budget=0.3) as t:
         t.log_signal(make_signal(1))
         assert wait_for(lambda: rows(db) and rows(db)[0]["sync_status"] == "failed", 15)
         assert t.stats()["sync_failed"] == 1
     r = rows(db)[0]
-    assert r["sync_attempts"] == 2 and "503" in r["sync_error"]
+    assert r["sync_attempts"] == 2 and "500" in r["sync_error"]
 
 
 def test_at_most_five_requests_per_claim(db, alpine):
@@ -349,7 +349,7 @@ def test_a_key_echoed_by_the_receiver_is_redacted_everywhere(db, alpine, caplog)
     with tracker(db, alpine, sync_workers=1, max_sync_attempts=1, sync_retry_budget=0.3) as t:
         t.log_signal(make_signal(1))
         assert wait_for(lambda: all_settled(db, 1), 10)
-        alpine.fail(503, times=1000)
+        alpine.fail(500, times=1000)   # the receiver's own 500 (JSON detail): an attempt that counts
         t.log_signal(make_signal(2))
         assert wait_for(lambda: rows(db)[-1]["sync_status"] == "failed", 10)
         transient_error = t.stats()["sync_last_error"]
@@ -385,7 +385,7 @@ def test_the_offline_pass_counts_symbol_length_after_upper_casing(db):
 @pytest.mark.parametrize("answer", ["retry-after", "deep-json"])
 def test_an_unparseable_answer_is_an_attempt_that_counts(db, alpine, answer):
     if answer == "retry-after":
-        alpine.fail(503, times=1000, headers={"Retry-After": "\u00b2"})
+        alpine.fail(500, times=1000, headers={"Retry-After": "\u00b2"})
     else:
         alpine.fail(201, times=1000, body=b'{"status": ' + b"[" * 200_000 + b"]" * 200_000 + b"}")
     with tracker(db, alpine, sync_workers=1, max_sync_attempts=1, sync_retry_budget=0.3) as t:
