@@ -402,4 +402,5 @@ class Syncer:
 
     # -- stats -----------------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
-        return {"sync_retries": self.retries, "sync_last_error": self.last_error}
+        return {"sync_retries": self.retries, "sync_last_error": self.last_error,
+                "sync_outcomes": dict(self.outcomes.counts), "sync_breaker": self.breaker.state.value}

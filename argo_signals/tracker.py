@@ -141,7 +141,7 @@ class SignalTracker:
         if self._syncer is not None:
             out.update(self._syncer.stats())
         else:
-            out.update({"sync_retries": 0, "sync_last_error": None})
+            out.update({"sync_retries": 0, "sync_last_error": None, "sync_outcomes": {}, "sync_breaker": None})
         out["sync_enabled"] = self._syncer is not None
         return out
 
