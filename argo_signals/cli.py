@@ -1,4 +1,5 @@
-"""The ``argo-signals`` command line (click): demo, ingest, status, tail, export, report, sync, verify, bench."""
+"""The ``argo-signals`` command line (click): demo, ingest, status, tail, export, report, sync, verify, bench,
+metrics."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +10,7 @@ import json
 import logging
 import math
 import os
+import signal as _signal
 import sqlite3
 import sys
 import threading
@@ -790,6 +792,64 @@ def bench(n_signals: int, repeat: int, sync_signals: int, backlog: int, as_json:
                  progress=None if quiet else (lambda msg: click.echo(msg, err=True)))
     _emit(report, as_json, format_report(report))
 
+
+
+# -- metrics --------------------------------------------------------------------------------------
+PROMETHEUS_HINT = "pip install 'argo-signals[prometheus]'"
+
+
+def _host_port(value: str) -> Tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9100`` for IPv6) -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"expected HOST:PORT, e.g. 127.0.0.1:9464, got {value!r}", param_hint="--serve")
+    return host, int(port)
+
+
+@main.command()
+@db_option
+@click.option("--serve", "serve_at", default=None, metavar="HOST:PORT",
+              help="Serve the metrics on http://HOST:PORT/metrics until SIGTERM or Ctrl-C.")
+def metrics(db_path: str, serve_at: Optional[str]) -> None:
+    """The database's state in Prometheus' text format (read-only; see docs/operations.md)."""
+    address = _host_port(serve_at) if serve_at is not None else None
+    try:
+        from .metrics import DatabaseCollector, MetricsServer, exposition
+    except ImportError:
+        raise click.ClickException(f"the metrics need prometheus-client: {PROMETHEUS_HINT}") from None
+    from .dbstate import read_state
+
+    if not os.path.exists(db_path):
+        raise click.ClickException(f"no database at {db_path}")
+    try:
+        read_state(db_path)
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"{db_path} is not a readable argo-signals database ({exc})") from None
+    collector = DatabaseCollector(db_path)
+    if address is None:
+        click.echo(exposition(collector).decode("utf-8"), nl=False)
+        return
+    try:
+        server = MetricsServer(address[0], address[1], collector)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {serve_at}: {exc}") from None
+    stop = threading.Event()
+    previous = _signal.signal(_signal.SIGTERM, lambda *_: stop.set())
+    host, port = str(server.address[0]), int(server.address[1])
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"serving the metrics of {db_path} on http://{shown}:{port}/metrics (Ctrl-C or SIGTERM stops)")
+    sys.stdout.flush()
+    server.start()
+    try:
+        while not stop.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        _signal.signal(_signal.SIGTERM, previous)
+    click.echo("stopped", err=True)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
