@@ -60,6 +60,7 @@ TRACKER_METRICS: Dict[str, Tuple[str, str, Optional[str]]] = {
     "argo_signals_sync_skipped_total": ("counter", "Rows not sent by design (NEUTRAL).", None),
     "argo_signals_sync_failed_total": ("counter", "Delivery attempts that left the row unsettled, by reason.", "reason"),
     "argo_signals_sync_retries_total": ("counter", "HTTP retries within deliveries.", None),
+    "argo_signals_sync_lag_seconds": ("histogram", "Seconds from commit to the receiver's accepting answer.", None),
     "argo_signals_sync_pending": ("gauge", "Rows waiting to be synced (whole database).", None),
     "argo_signals_signals": ("gauge", "Rows in the database by sync status.", "status"),
     "argo_signals_oldest_pending_age_seconds": ("gauge", "Age of the oldest pending row by commit time (0: none).", None),
@@ -97,6 +98,10 @@ class _Families:
         elif value is not None:
             fam.add_metric([], float(value))  # type: ignore[attr-defined]
         self.out.append(fam)
+
+    def histogram(self, name: str, hist: Dict[str, Any]) -> None:
+        self.out.append(HistogramMetricFamily(name, self.table[name][1], buckets=list(hist["buckets"].items()),
+                                              sum_value=hist["sum"]))
 
 
 def _describe(table: Dict[str, Tuple[str, str, Optional[str]]]) -> Iterator[Metric]:
@@ -136,10 +141,7 @@ class TrackerCollector:
         f.add("argo_signals_queue_depth", st["pending"])
         f.add("argo_signals_writer_state", by={s: s == st["state"] for s in WRITER_STATES})
         f.add("argo_signals_spill_lines", st["spill_pending"])
-        hist = st["time_to_durable_s"]
-        f.out.append(HistogramMetricFamily(
-            "argo_signals_time_to_durable_seconds", TRACKER_METRICS["argo_signals_time_to_durable_seconds"][1],
-            buckets=list(hist["buckets"].items()), sum_value=hist["sum"]))
+        f.histogram("argo_signals_time_to_durable_seconds", st["time_to_durable_s"])
         outcomes = st["sync_outcomes"]
         f.add("argo_signals_sync_enabled", st["sync_enabled"])
         f.add("argo_signals_sync_delivered_total", outcomes.get("synced", 0))
@@ -147,6 +149,7 @@ class TrackerCollector:
         f.add("argo_signals_sync_skipped_total", outcomes.get("skipped", 0))
         f.add("argo_signals_sync_failed_total", by={r: outcomes.get(r, 0) for r in SYNC_FAILURES})
         f.add("argo_signals_sync_retries_total", st["sync_retries"])
+        f.histogram("argo_signals_sync_lag_seconds", st["sync_delivery_lag_s"])
         f.add("argo_signals_sync_pending", st["sync_pending"])
         f.add("argo_signals_signals", by={s: st["synced" if s == "synced" else f"sync_{s}"] for s in SYNC_STATUSES})
         f.add("argo_signals_oldest_pending_age_seconds", max(0.0, st["sync_lag_s"] or 0.0))

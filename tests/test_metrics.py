@@ -98,6 +98,9 @@ def test_tracker_collector_reports_one_stats_snapshot(db):
     assert v("argo_signals_sync_rejected_total") == st["sync_outcomes"]["rejected"] == 0
     assert v("argo_signals_sync_failed_total", reason="transient") == st["sync_outcomes"]["transient"]
     assert v("argo_signals_sync_retries_total") == st["sync_retries"]
+    lag = st["sync_delivery_lag_s"]
+    assert v("argo_signals_sync_lag_seconds_count") == lag["count"] == 30 and 0 < lag["sum"] < 30 * 30
+    assert v("argo_signals_sync_lag_seconds_bucket", le="60.0") == lag["buckets"]["60.0"] == 30
     assert v("argo_signals_sync_pending") == st["sync_pending"] == 0
     assert v("argo_signals_sync_breaker_open") == 0 and v("argo_signals_writer_state", state="open") == 1
     by_sql = dict(sql(db, "SELECT sync_status, count(*) FROM signals GROUP BY 1"))
@@ -183,6 +186,20 @@ def test_metrics_serve_answers_a_real_get_and_exits_cleanly_on_sigterm(db):
             got = samples(resp.read().decode())
         assert got[("argo_signals_signals", frozenset({("status", "pending")}))] == 9
         assert got[("argo_signals_database_up", frozenset())] == 1
+        # scrapes while this process commits: each answers, from one snapshot, never going back
+        pending = frozenset({("status", "pending")})
+        seen = []
+        with SignalTracker(db, register_atexit=False, batch_size=5) as t:
+            for i in range(40):
+                t.log_signal(make_signal(100 + i))
+                if i % 8 == 0:
+                    with urllib.request.urlopen(url, timeout=10) as resp:
+                        seen.append(samples(resp.read().decode()))
+        assert all(s[("argo_signals_database_up", frozenset())] == 1 for s in seen)
+        counts = [s[("argo_signals_signals", pending)] for s in seen]
+        assert counts == sorted(counts) and counts[0] >= 9
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert samples(resp.read().decode())[("argo_signals_signals", pending)] == 49
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=10)
         assert err.value.code == 404
