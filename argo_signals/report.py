@@ -333,12 +333,12 @@ def _breakdown(conn: sqlite3.Connection, column: str, where: str, params: Dict[s
 def _signal_time(conn: sqlite3.Connection, where: str, params: Dict[str, Any]) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
     """Intervals over the signals' own time (``timestamp``) of the rows with a P/L: the SQL
     bucket expression, its parameters, and the axis (JSON-ready)."""
-    first, last = conn.execute(f"SELECT min(timestamp), max(timestamp) FROM signals WHERE {where} "
-                               "AND profit_loss_pct IS NOT NULL", params).fetchone()
-    start, end = _parse(first), _parse(last)
-    if start is None or end is None:
+    # julianday(): any offset, and NULL (left out) for text that is no time at all
+    first, last = conn.execute(f"SELECT min(julianday(timestamp)), max(julianday(timestamp)) FROM signals "
+                               f"WHERE {where} AND profit_loss_pct IS NOT NULL", params).fetchone()
+    if first is None or last is None:
         return "0", params, {"by": "timestamp", "interval_ms": 0, "interval_count": 0, "starts": []}
-    start_ms, end_ms = _epoch_ms(start), _epoch_ms(end)
+    start_ms, end_ms = (int(round((jd - 2440587.5) * 86400000)) for jd in (first, last))
     width = _bucket_width_ms(max(1, end_ms - start_ms + 1))
     origin_ms = start_ms // width * width
     count = (end_ms - origin_ms) // width + 1
@@ -358,6 +358,8 @@ def _quality(conn: sqlite3.Connection, where: str, params: Dict[str, Any], per_s
     for name, b, n, total in conn.execute(
             f"SELECT strategy, {bucket}, count(*), sum(profit_loss_pct) FROM signals "
             f"WHERE {where} AND profit_loss_pct IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2", ts_params):
+        if b is None:
+            continue  # a timestamp that is no time: counted per strategy, not placed on the axis
         b = min(max(b, 0), n_axis - 1)
         running[name] = running.get(name, 0.0) + total
         end = _iso(_from_ms(origin_ms + (b + 1) * width))

@@ -238,6 +238,18 @@ def test_the_page_says_which_figures_use_commit_time_and_leaves_simulated_time_o
     assert "Cumulative P/L % per strategy (by the signal&#x27;s own time)" in page
 
 
+def test_a_timestamp_another_program_wrote_as_junk_does_not_stop_the_pnl_axis(db):
+    build(db)
+    conn = store.connect(str(db))
+    conn.execute("INSERT INTO signals (signal_id, symbol, action, entry_price, confidence, strategy, timestamp, "
+                 "sha256, created_at, sync_status, sync_attempts, profit_loss_pct) VALUES ('junk', 'X', 'BUY', 1, "
+                 "50, 'alpha', 'zzz not a time', 'x', '2026-01-01T10:00:00+00:00', 'pending', 0, 5.0)")
+    conn.close()
+    q = collect(str(db), since=SINCE, now=NOW)["quality"]
+    assert q["pnl_axis"]["starts"][0][11:19] == "09:08:00"   # the junk is not the axis' end
+    assert [p["cumulative_pnl_pct"] for p in q["cumulative_pnl"]["alpha"]] == [2.0, 3.0, 1.0, 1.0]
+
+
 def test_strategy_filter_and_relative_since(db):
     build(db)
     r = collect(str(db), since="3h", strategy="beta", now=NOW)
