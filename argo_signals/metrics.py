@@ -12,6 +12,7 @@ takes.  The names are a public interface: docs/operations.md lists them.
 from __future__ import annotations
 
 import logging
+import socket
 import sqlite3
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -218,6 +219,7 @@ class MetricsServer:
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
         self.httpd = Server((host, port), Handler)
         self.address = self.httpd.server_address

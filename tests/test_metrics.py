@@ -3,6 +3,7 @@ collector and the `metrics` command; values checked against stats() and SQL."""
 import json
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from argo_signals import SignalTracker
 from argo_signals.cli import main
-from argo_signals.metrics import TrackerCollector
+from argo_signals.metrics import DatabaseCollector, MetricsServer, TrackerCollector
 from argo_signals.spill import spill_path
 from argo_signals.testing import AlpineServer
 from conftest import ROOT, LineReader, make_signal, run_script
@@ -234,3 +235,20 @@ def test_alert_rules_load_and_name_only_exported_metrics(db):
         assert named and named <= exported, (rule["alert"], named - exported)
         assert re.fullmatch(r"\d+[smh]", rule.get("for", "0s")) and rule["annotations"]["summary"]
     json.dumps(rules)  # plain data: nothing YAML-specific slipped in
+
+
+def test_serve_takes_an_ipv6_host(db):
+    _seed_database(db)
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:  # a host without an IPv6 loopback: the command says so in one line
+        r = CliRunner().invoke(main, ["metrics", "--db", str(db), "--serve", "[::1]:0"])
+        assert r.exit_code == 1 and "cannot listen on [::1]:0" in r.output
+        return
+    server = MetricsServer("::1", 0, DatabaseCollector(str(db))).start()
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.address[1]}/metrics", timeout=10) as resp:
+            assert samples(resp.read().decode())[("argo_signals_database_up", frozenset())] == 1
+    finally:
+        server.stop()
