@@ -364,7 +364,7 @@ def test_without_matplotlib_the_page_names_the_extra_and_json_still_works(db, tm
     assert "Traceback" not in r.stderr and not out.exists()
     r = run_script(BLOCK, "report", "--db", db, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["health"]["signals"] == 9
-    r = run_script(BLOCK, "demo", "--db", tmp_path / "demo.db", "--count", 40, "--quiet")
+    r = run_script(BLOCK, "demo", "--db", tmp_path / "demo.db", "--count", 40, "--quiet", "--no-sync")
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == (
         f"see it all on one page: argo-signals report --db {tmp_path / 'demo.db'} --open "
         "(first: pip install 'argo-signals[report]')")
