@@ -330,6 +330,9 @@ def _breakdown(conn: sqlite3.Connection, column: str, where: str, params: Dict[s
     return groups, bands, lo, hi
 
 
+_SIGNAL_TIME = "timestamp (the signal's own time), UTC"
+
+
 def _signal_time(conn: sqlite3.Connection, where: str, params: Dict[str, Any]) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
     """Intervals over the signals' own time (``timestamp``) of the rows with a P/L: the SQL
     bucket expression, its parameters, and the axis (JSON-ready)."""
@@ -337,13 +340,13 @@ def _signal_time(conn: sqlite3.Connection, where: str, params: Dict[str, Any]) -
     first, last = conn.execute(f"SELECT min(julianday(timestamp)), max(julianday(timestamp)) FROM signals "
                                f"WHERE {where} AND profit_loss_pct IS NOT NULL", params).fetchone()
     if first is None or last is None:
-        return "0", params, {"by": "timestamp", "interval_ms": 0, "interval_count": 0, "starts": []}
+        return "0", params, {"by": _SIGNAL_TIME, "interval_ms": 0, "interval_count": 0, "starts": []}
     start_ms, end_ms = (int(round((jd - 2440587.5) * 86400000)) for jd in (first, last))
     width = _bucket_width_ms(max(1, end_ms - start_ms + 1))
     origin_ms = start_ms // width * width
     count = (end_ms - origin_ms) // width + 1
     bucket = f"({_ms_between('timestamp', ':ts_origin')} / :ts_width)"
-    axis = {"by": "timestamp (the signal's own time), UTC", "interval_ms": width, "interval_count": count,
+    axis = {"by": _SIGNAL_TIME, "interval_ms": width, "interval_count": count,
             "starts": [_iso(_from_ms(origin_ms + k * width)) for k in range(count)]}
     return bucket, {**params, "ts_origin": _iso(_from_ms(origin_ms)), "ts_width": width}, axis
 
