@@ -181,6 +181,58 @@ def producer_cost(tmp: str, sigs: List[Dict[str, Any]]) -> Dict[str, float]:
             "queuehandler_p99_us": percentile(c, 0.99) or 0.0}
 
 
+def scrape_cost(tmp: str, sigs: List[Dict[str, Any]]) -> Dict[str, float]:
+    """log_signal() per-call cost while a thread scrapes a TrackerCollector in a loop, and
+    while it does not, in alternating blocks of calls (empty without prometheus-client)."""
+    block = max(1, min(500, len(sigs) // 10))
+    try:
+        from prometheus_client import CollectorRegistry, generate_latest
+        from .metrics import TrackerCollector
+    except ImportError:
+        return {}
+    path = _fresh(tmp)
+    tracker = SignalTracker(path, register_atexit=False, max_queue_size=len(sigs) + 10)
+    registry = CollectorRegistry()
+    registry.register(TrackerCollector(tracker))
+    scraping, done, scrapes = threading.Event(), threading.Event(), [0]
+
+    def scrape() -> None:
+        while not done.is_set():
+            if scraping.wait(0.01):
+                generate_latest(registry)
+                scrapes[0] += 1
+    th = threading.Thread(target=scrape, daemon=True)
+    th.start()
+    times: Dict[bool, List[float]] = {True: [], False: []}
+    log, clock = tracker.log_signal, time.perf_counter_ns
+    on_since, on_ns = 0, 0   # wall time with the scraper on
+    try:
+        for i, s in enumerate(sigs):
+            on = (i // block) % 2 == 1
+            if on != scraping.is_set():
+                if on:
+                    scraping.set()
+                    on_since = clock()
+                else:
+                    scraping.clear()
+                    on_ns += clock() - on_since
+            t0 = clock()
+            log(s)
+            times[on].append((clock() - t0) / 1000.0)
+        if scraping.is_set():
+            on_ns += clock() - on_since
+    finally:
+        done.set()
+        th.join(5)
+        tracker.close()
+    for v in times.values():
+        v.sort()
+    return {"log_signal_p50_us_scraped": percentile(times[True], 0.5) or 0.0,
+            "log_signal_p99_us_scraped": percentile(times[True], 0.99) or 0.0,
+            "log_signal_p50_us_unscraped": percentile(times[False], 0.5) or 0.0,
+            "log_signal_p99_us_unscraped": percentile(times[False], 0.99) or 0.0,
+            "scrapes_per_s": scrapes[0] / max(1e-9, on_ns / 1e9)}
+
 # -- sync ------------------------------------------------------------------------------------------
 class _Receiver:
     """The loopback receiver in its own process, so it does not share our GIL."""
@@ -301,6 +353,8 @@ def run(n_signals: int = 20_000, repeat: int = 3, sync_signals: int = 1000, back
             add("raw_full_rows_per_s", raw(tmp, finished, max(1, int(round(e_full["avg_txn_rows"]))), "full"))
             for k, v in producer_cost(tmp, sigs).items():
                 add(k, v)
+            for k, v in scrape_cost(tmp, sigs).items():
+                add(k, v)
 
         receiver = _Receiver()
         try:
@@ -357,6 +411,9 @@ def format_report(r: Dict[str, Any]) -> str:
         f"{'log_signal()':34} {r['log_signal_p50_us']:>10.2f} {r['log_signal_p99_us']:>10.2f}",
         f"{'logger.info via QueueHandler':34} {r['queuehandler_p50_us']:>10.2f} {r['queuehandler_p99_us']:>10.2f}",
         f"{'queue.Queue.put_nowait':34} {r['put_nowait_p50_us']:>10.2f}",
+        *([f"{'log_signal(), no metrics scrape':34} {r['log_signal_p50_us_unscraped']:>10.2f} {r['log_signal_p99_us_unscraped']:>10.2f}",
+           f"{'log_signal(), scraped in a loop':34} {r['log_signal_p50_us_scraped']:>10.2f} {r['log_signal_p99_us_scraped']:>10.2f}"
+           f"  ({r['scrapes_per_s']:,.0f} scrapes/s)"] if "scrapes_per_s" in r else []),
         "",
         f"sync: {r['sync_signals_per_s']:,.0f} signals/s delivered; "
         f"{p['backlog']}-row backlog drained in {r['sync_backlog_drain_s']:.1f} s "

@@ -1,4 +1,5 @@
-"""The ``argo-signals`` command line (click): demo, ingest, status, tail, export, report, sync, verify, bench."""
+"""The ``argo-signals`` command line (click): demo, ingest, status, tail, export, report, sync, verify, bench,
+metrics."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +10,7 @@ import json
 import logging
 import math
 import os
+import signal as _signal
 import sqlite3
 import sys
 import threading
@@ -150,21 +152,52 @@ def main(ctx: click.Context, verbose: bool, db_path: Optional[str]) -> None:
 @click.option("--count", "-n", type=POSITIVE, default=2000, show_default=True, help="Signals to log in all.")
 @click.option("--producers", "-k", type=Number(int, 1, 10_000), default=4, show_default=True, help="Producer threads.")
 @click.option("--rate", type=SECONDS, default=0.0, show_default=True, help="Signals per second per producer (0: as fast as possible).")
-@click.option("--alpine-url", default=None, help="Also sync to this Alpine base URL.")
+@click.option("--alpine-url", default=None,
+              help="Sync to this Alpine base URL (default $ALPINE_API_URL, else a local stand-in receiver).")
+@click.option("--no-sync", is_flag=True, help="Do not sync: the rows stay pending.")
 @json_option
 @quiet_option
 def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Optional[str],
-         as_json: bool, quiet: bool) -> None:
+         no_sync: bool, as_json: bool, quiet: bool) -> None:
     """Log realistic synthetic signals from several threads, close a share of them with an
-    outcome (update_signal), and report what was persisted."""
-    from .demo import outcome_picker, signals
+    outcome (update_signal), sync them, and report what was persisted and synced.
 
+    The signals carry simulated timestamps spread over the trading session before the run.
+    Without --alpine-url or $ALPINE_API_URL they sync to a local stand-in receiver (the
+    loopback one of argo_signals.testing), stopped at the end."""
     if count < 1 or producers < 1:
         raise click.BadParameter("--count and --producers must be >= 1")
+    if no_sync and alpine_url is not None:
+        raise click.BadParameter("--no-sync and --alpine-url exclude each other")
+    stand_in = None
+    if not no_sync and alpine_url is None and not os.environ.get("ALPINE_API_URL") \
+            and env_flag("ALPINE_SYNC_ENABLED") is not False:
+        from .testing import AlpineServer
+
+        stand_in = AlpineServer(api_key=uuid.uuid4().hex).start()
     try:
-        tracker = SignalTracker(db_path, alpine_url=alpine_url, register_atexit=False)
+        _demo(db_path, count, producers, rate, alpine_url, no_sync, stand_in, as_json, quiet)
+    finally:
+        if stand_in is not None:
+            stand_in.stop()
+
+
+def _demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Optional[str], no_sync: bool,
+          stand_in: Any, as_json: bool, quiet: bool) -> None:
+    from datetime import datetime, timezone
+
+    from .demo import outcome_picker, session_time, signals
+
+    try:
+        if stand_in is not None:
+            tracker = SignalTracker(db_path, alpine_url=stand_in.url, api_key=stand_in.api_key,
+                                    register_atexit=False)
+        else:
+            tracker = SignalTracker(db_path, alpine_url=alpine_url, sync_enabled=False if no_sync else None,
+                                    register_atexit=False)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    session_end = datetime.now(timezone.utc)
     call_us: List[float] = []
     lock = threading.Lock()
     shares = [count // producers + (1 if k < count % producers else 0) for k in range(producers)]
@@ -179,8 +212,9 @@ def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opti
         mine_closed = {"win": 0, "loss": 0}
         ids: List[str] = []
         gap = 1.0 / rate if rate > 0 else 0.0
-        for _ in range(n):
+        for j in range(n):
             sig = next(gen)
+            sig["timestamp"] = session_time(j * producers + k, count, session_end)
             t0 = time.perf_counter()
             sid = tracker.log_signal(sig)
             ids.append(sid)
@@ -218,6 +252,8 @@ def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opti
     st = tracker.stats()
     call_us.sort()
     mine_sync = _run_sync_counts(db_path, run_ids)
+    lag = _run_sync_lag_ms(db_path, run_ids)
+    receiver = ("stand-in" if stand_in is not None else "alpine") if st["sync_enabled"] else None
     summary: Dict[str, Any] = {
         "database": db_path,
         "logged": st["logged"], "persisted": st["persisted"], "rejected": st["rejected"],
@@ -227,17 +263,24 @@ def demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opti
         "time_to_durable_ms": st["latency_ms"],
         "flushes": st["flushes"],
         "closed": {"wins": closed["win"], "losses": closed["loss"]},
-        "sync": {"enabled": st["sync_enabled"], **mine_sync},   # this run's signals only
+        "sync": {"enabled": st["sync_enabled"], "receiver": receiver, **mine_sync, "lag_ms": lag},  # this run's
+        "signal_time": {"since": session_time(0, count, session_end).isoformat(), "until": session_end.isoformat()},
     }
-    sync_text = ("off (no --alpine-url / ALPINE_API_URL); rows stay pending" if not st["sync_enabled"] else
+    sync_text = ("off (--no-sync or ALPINE_SYNC_ENABLED=false); rows stay pending" if not st["sync_enabled"] else
                  f"{mine_sync['synced']} synced, {mine_sync['pending']} pending, {mine_sync['skipped']} skipped, "
-                 f"{mine_sync['rejected']} rejected, {mine_sync['failed']} failed (this run's signals)")
+                 f"{mine_sync['rejected']} rejected, {mine_sync['failed']} failed (this run's signals); "
+                 + ("nothing synced, no lag" if lag["p50"] is None else f"lag p50 {lag['p50']} ms, p99 {lag['p99']} ms"))
+    if stand_in is not None:
+        sync_text = (f"to a local stand-in receiver on 127.0.0.1:{stand_in.port}; pass --alpine-url for a real one"
+                     f"\n    {sync_text}")
     text = (f"{summary['persisted']} of {summary['logged']} signals persisted to {db_path} "
             f"in {elapsed:.2f}s ({summary['rows_per_s']} rows/s)\n"
             f"  rejected: {summary['rejected']}   fallback writes: {summary['fallback_writes']}\n"
             f"  log_signal(): p50 {summary['log_signal_us']['p50']} us, p99 {summary['log_signal_us']['p99']} us\n"
             f"  time to durable: p50 {st['latency_ms']['p50']} ms, p99 {st['latency_ms']['p99']} ms\n"
             f"  flushes: {', '.join(f'{k} {v}' for k, v in st['flushes'].items())}\n"
+            f"  signal timestamps: simulated, {summary['signal_time']['since'][:16]} to "
+            f"{summary['signal_time']['until'][:16]} UTC (the session before this run)\n"
             f"  sync: " + sync_text
             + f"\n  closed with an outcome: {closed['win']} wins, {closed['loss']} losses (update_signal)"
             + f"\nsee it all on one page: argo-signals report --db {db_path} --open" + _report_extra_hint())
@@ -255,11 +298,33 @@ def _report_extra_hint() -> str:
 _SYNC_STATES = ("synced", "pending", "skipped", "rejected", "failed")
 
 
+def _run_sync_lag_ms(db_path: str, ids: List[str]) -> Dict[str, Optional[float]]:
+    """p50/p99 of synced_at - created_at (ms) over the synced rows with these signal ids."""
+    lags: List[float] = []
+    try:
+        conn = connect_readonly(db_path)
+    except sqlite3.Error:
+        return {"p50": None, "p99": None}
+    try:
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            lags += [v for (v,) in conn.execute(
+                "SELECT (julianday(synced_at) - julianday(created_at)) * 86400000.0 FROM signals WHERE "
+                f"signal_id IN ({', '.join('?' * len(chunk))}) AND sync_status = 'synced' AND synced_at IS NOT NULL",
+                chunk) if v is not None]
+    except sqlite3.Error:
+        pass
+    finally:
+        conn.close()
+    lags.sort()
+    return {"p50": _r(percentile(lags, 0.5)), "p99": _r(percentile(lags, 0.99))}
+
+
 def _run_sync_counts(db_path: str, ids: List[str]) -> Dict[str, int]:
     """Counts by sync status of the rows with these signal ids."""
     out = dict.fromkeys(_SYNC_STATES, 0)
     try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5.0)
+        conn = connect_readonly(db_path)
     except sqlite3.Error:
         return out
     try:
@@ -814,6 +879,63 @@ def bench(n_signals: int, repeat: int, sync_signals: int, backlog: int, as_json:
                  progress=None if quiet else (lambda msg: click.echo(msg, err=True)))
     _emit(report, as_json, format_report(report))
 
+
+# -- metrics --------------------------------------------------------------------------------------
+PROMETHEUS_HINT = "pip install 'argo-signals[prometheus]'"
+
+
+def _host_port(value: str) -> Tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9100`` for IPv6) -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"expected HOST:PORT, e.g. 127.0.0.1:9464, got {value!r}", param_hint="--serve")
+    return host, int(port)
+
+
+@main.command()
+@db_option
+@click.option("--serve", "serve_at", default=None, metavar="HOST:PORT",
+              help="Serve the metrics on http://HOST:PORT/metrics until SIGTERM or Ctrl-C.")
+def metrics(db_path: str, serve_at: Optional[str]) -> None:
+    """The database's state in Prometheus' text format (read-only; see docs/operations.md)."""
+    address = _host_port(serve_at) if serve_at is not None else None
+    try:
+        from .metrics import DatabaseCollector, MetricsServer, exposition
+    except ImportError:
+        raise click.ClickException(f"the metrics need prometheus-client: {PROMETHEUS_HINT}") from None
+    from .dbstate import read_state
+
+    if not os.path.exists(db_path):
+        raise click.ClickException(f"no database at {db_path}")
+    try:
+        read_state(db_path)
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"{db_path} is not a readable argo-signals database ({exc})") from None
+    collector = DatabaseCollector(db_path)
+    if address is None:
+        click.echo(exposition(collector).decode("utf-8"), nl=False)
+        return
+    try:
+        server = MetricsServer(address[0], address[1], collector)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {serve_at}: {exc}") from None
+    stop = threading.Event()
+    previous = _signal.signal(_signal.SIGTERM, lambda *_: stop.set())
+    host, port = str(server.address[0]), int(server.address[1])
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"serving the metrics of {db_path} on http://{shown}:{port}/metrics (Ctrl-C or SIGTERM stops)")
+    sys.stdout.flush()
+    server.start()
+    try:
+        while not stop.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        _signal.signal(_signal.SIGTERM, previous)
+    click.echo("stopped", err=True)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

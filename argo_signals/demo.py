@@ -2,12 +2,24 @@
 from __future__ import annotations
 
 import random
+from datetime import datetime, timedelta
 from typing import Any, Callable, Dict, Iterator, Optional
 
 SYMBOLS = {"AAPL": 190.0, "MSFT": 410.0, "NVDA": 120.0, "TSLA": 240.0, "SPY": 520.0,
            "AMZN": 180.0, "BTC-USD": 64_000.0, "ETH-USD": 3_100.0, "SOL-USD": 150.0}
 STRATEGIES = ("momentum", "mean_reversion", "breakout", "weighted_consensus_v6")
 REGIMES = ("bull", "bear", "chop", None)
+# The demo's signals carry this data_source and simulated timestamps (a trading session):
+# the report leaves them out of time to durable, which their own timestamps cannot tell.
+SIMULATED_SOURCE = "demo"
+
+SESSION = timedelta(hours=6, minutes=30)   # a trading day's regular session
+
+
+def session_time(position: int, count: int, end: datetime, length: timedelta = SESSION) -> datetime:
+    """The simulated time of signal ``position`` of ``count``: evenly over the ``length``
+    before ``end`` (so that the report's signal-time axis spans a session, not the run)."""
+    return end - length + length * (position / max(1, count))
 
 
 def signals(seed: int = 0) -> Iterator[Dict[str, Any]]:
@@ -27,7 +39,7 @@ def signals(seed: int = 0) -> Iterator[Dict[str, Any]]:
         sig: Dict[str, Any] = {
             "symbol": sym, "action": action, "entry_price": price, "confidence": conf,
             "strategy": rng.choice(STRATEGIES), "regime": rng.choice(REGIMES),
-            "data_source": "demo",
+            "data_source": SIMULATED_SOURCE,
         }
         if action != "NEUTRAL":
             sig["target_price"] = round(price * (1.03 if up else 0.97), 2)

@@ -14,11 +14,13 @@ import logging
 import sqlite3
 import threading
 import time
+from datetime import datetime
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import store
 from .alpine import Answer, Kind
 from .safetext import escape_controls
+from .stats import SYNC_LAG_BUCKETS, Histogram
 
 __all__ = ["Outcomes", "read_last_error", "LAST_ERROR_TABLE"]
 
@@ -51,6 +53,7 @@ class Outcomes:
                                        "rate_limited": 0}
         self._transient_warned = False         # one WARNING per streak of transient answers
         self.handled = 0                        # rows done with for now (for progress bars)
+        self.lag = Histogram(SYNC_LAG_BUCKETS)  # commit -> accepting answer, synced rows
         self.last_error: Optional[str] = None
         self.config_error: Optional[str] = None  # a 3xx or 401/403 answer, until a row syncs again
         self._settled: List[Tuple[Dict[str, Any], str, Optional[str]]] = []  # (claimed row, status, error)
@@ -86,6 +89,15 @@ class Outcomes:
             if handled:
                 self.handled += 1
 
+    def _note_lag(self, created_at: Any) -> None:
+        """Seconds from the row's commit to now (its accepting answer), into the lag histogram."""
+        try:
+            lag = time.time() - datetime.fromisoformat(created_at).timestamp()
+        except (TypeError, ValueError):
+            return  # a created_at written by another program: no figure
+        with self._count_lock:
+            self.lag.observe((max(0.0, lag),))
+
     # -- rows ------------------------------------------------------------------------------------
     def refused(self, row: Dict[str, Any], status: str, reason: str) -> None:
         """A row the receiver would refuse for good: settled without a request."""
@@ -103,6 +115,7 @@ class Outcomes:
         detail = escape_controls(self.redact(answer.detail))
         if kind is Kind.SYNCED:
             self._count("synced")
+            self._note_lag(row.get("created_at"))
             self._settle(row, "synced", None)
             with self._count_lock:
                 was, self.config_error = self.config_error, None

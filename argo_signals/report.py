@@ -5,7 +5,8 @@ so the rows never travel into Python: only a few hundred aggregate rows do.  ``c
 returns a JSON-ready dict with exact values (durations in integer milliseconds, the
 resolution of SQLite's date functions); ``report_html`` renders it.
 
-The period is by commit time (``created_at``, UTC).  It is cut into at most ``MAX_BUCKETS``
+The period is by commit time (``created_at``, UTC); the cumulative P/L is over the signals'
+own time (``timestamp``), on an axis of its own.  It is cut into at most ``MAX_BUCKETS``
 intervals of a round width, and every interval is listed, empty ones included, so that a
 gap in a busy stream shows.
 """
@@ -20,6 +21,7 @@ from urllib.parse import quote
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from . import spill
+from .demo import SIMULATED_SOURCE
 from .signal import SignalValidationError, format_timestamp
 from .stats import percentiles_of_counts
 
@@ -214,7 +216,7 @@ def _collect(conn: sqlite3.Connection, db_path: str, since_dt: Optional[datetime
         "batch_timeout_ms": int(round(batch_timeout * 1000)),
     }
     report["health"] = _health(conn, db_path, where, params, bucket, origin_ms, width, n_buckets, strategy, now)
-    report["quality"] = _quality(conn, where, params, bucket, origin_ms, width, per_symbol)
+    report["quality"] = _quality(conn, where, params, per_symbol)
     return report
 
 
@@ -223,8 +225,11 @@ def _health(conn: sqlite3.Connection, db_path: str, where: str, params: Dict[str
     intervals = [{"start": _iso(_from_ms(origin_ms + k * width)), "commits": {a: 0 for a in ACTIONS},
                   "total": 0, "sync": {s: 0 for s in SYNC_STATES}} for k in range(n_buckets)]
     totals: Dict[str, Any] = {"signals": 0, "by_action": {a: 0 for a in ACTIONS}, "by_sync_status": {s: 0 for s in SYNC_STATES}}
-    for b, action, status, n in conn.execute(
-            f"SELECT {bucket}, action, sync_status, count(*) FROM signals WHERE {where} GROUP BY 1, 2, 3", params):
+    simulated = 0
+    for b, action, status, n, sim in conn.execute(
+            f"SELECT {bucket}, action, sync_status, count(*), count(CASE WHEN data_source = :simulated THEN 1 END) "
+            f"FROM signals WHERE {where} GROUP BY 1, 2, 3", {**params, "simulated": SIMULATED_SOURCE}):
+        simulated += sim
         slot = intervals[min(max(b, 0), n_buckets - 1)]
         slot["commits"][action] = slot["commits"].get(action, 0) + n
         slot["sync"][status] = slot["sync"].get(status, 0) + n
@@ -233,7 +238,10 @@ def _health(conn: sqlite3.Connection, db_path: str, where: str, params: Dict[str
         totals["by_action"][action] = totals["by_action"].get(action, 0) + n
         totals["by_sync_status"][status] = totals["by_sync_status"].get(status, 0) + n
 
-    durable, durable_all = _quantiles_by_bucket(conn, _ms_between("created_at", "timestamp"), where, bucket, params)
+    # signals whose own timestamp is simulated (the demo's) say nothing about time to durable
+    durable, durable_all = _quantiles_by_bucket(conn, _ms_between("created_at", "timestamp"),
+                                                f"{where} AND data_source IS NOT :simulated", bucket,
+                                                {**params, "simulated": SIMULATED_SOURCE})
     lag, lag_all = _quantiles_by_bucket(conn, _ms_between("synced_at", "created_at"),
                                 f"{where} AND sync_status = 'synced' AND synced_at IS NOT NULL", bucket, params)
     for k, slot in enumerate(intervals):
@@ -269,6 +277,7 @@ def _health(conn: sqlite3.Connection, db_path: str, where: str, params: Dict[str
         **totals,
         "intervals": intervals,
         "time_to_durable_ms": durable_all,
+        "simulated_time_signals": simulated,
         "sync_lag_ms": lag_all,
         "sync_errors": errors,
         "refused": {"total": refused_total, "top_reasons": refusals},
@@ -321,21 +330,51 @@ def _breakdown(conn: sqlite3.Connection, column: str, where: str, params: Dict[s
     return groups, bands, lo, hi
 
 
-def _quality(conn: sqlite3.Connection, where: str, params: Dict[str, Any], bucket: str,
-             origin_ms: int, width: int, per_symbol: bool) -> Dict[str, Any]:
+_SIGNAL_TIME = "timestamp (the signal's own time), UTC"
+
+
+def _signal_time(conn: sqlite3.Connection, where: str, params: Dict[str, Any]) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+    """Intervals over the signals' own time (``timestamp``) of the rows with a P/L: the SQL
+    bucket expression, its parameters, and the axis (JSON-ready)."""
+    # julianday(): any offset, and NULL (left out) for text that is no time at all
+    first, last = conn.execute(f"SELECT min(julianday(timestamp)), max(julianday(timestamp)) FROM signals "
+                               f"WHERE {where} AND profit_loss_pct IS NOT NULL", params).fetchone()
+    if first is None or last is None:
+        return "0", params, {"by": _SIGNAL_TIME, "interval_ms": 0, "interval_count": 0, "starts": []}
+    start_ms, end_ms = (int(round((jd - 2440587.5) * 86400000)) for jd in (first, last))
+    width = _bucket_width_ms(max(1, end_ms - start_ms + 1))
+    origin_ms = start_ms // width * width
+    count = (end_ms - origin_ms) // width + 1
+    bucket = f"({_ms_between('timestamp', ':ts_origin')} / :ts_width)"
+    axis = {"by": _SIGNAL_TIME, "interval_ms": width, "interval_count": count,
+            "starts": [_iso(_from_ms(origin_ms + k * width)) for k in range(count)]}
+    return bucket, {**params, "ts_origin": _iso(_from_ms(origin_ms)), "ts_width": width}, axis
+
+
+def _quality(conn: sqlite3.Connection, where: str, params: Dict[str, Any], per_symbol: bool) -> Dict[str, Any]:
     strategies, bands, lo, hi = _breakdown(conn, "strategy", where, params)
     cumulative: Dict[str, List[Dict[str, Any]]] = {}
     running: Dict[str, float] = {}
+    bucket, ts_params, axis = _signal_time(conn, where, params)
+    width, n_axis = axis["interval_ms"], axis["interval_count"]
+    origin_ms = _epoch_ms(_parse(axis["starts"][0]) or datetime.now(_UTC)) if n_axis else 0
     for name, b, n, total in conn.execute(
             f"SELECT strategy, {bucket}, count(*), sum(profit_loss_pct) FROM signals "
-            f"WHERE {where} AND profit_loss_pct IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2", params):
+            f"WHERE {where} AND profit_loss_pct IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2", ts_params):
+        if b is None:
+            continue  # a timestamp that is no time: counted per strategy, not placed on the axis
+        b = min(max(b, 0), n_axis - 1)
         running[name] = running.get(name, 0.0) + total
-        cumulative.setdefault(name, []).append({
-            "interval": b, "end": _iso(_from_ms(origin_ms + (b + 1) * width)), "closed": n, "pnl_pct": total,
-            "cumulative_pnl_pct": running[name]})
+        end = _iso(_from_ms(origin_ms + (b + 1) * width))
+        points = cumulative.setdefault(name, [])
+        if points and points[-1]["interval"] == b:  # (clamped: a timestamp the axis could not place)
+            points[-1].update(closed=points[-1]["closed"] + n, pnl_pct=points[-1]["pnl_pct"] + total,
+                              cumulative_pnl_pct=running[name])
+            continue
+        points.append({"interval": b, "end": end, "closed": n, "pnl_pct": total, "cumulative_pnl_pct": running[name]})
 
     n_pnl = sum(s["with_pnl"] for s in strategies)
-    out = {"by_strategy": strategies, "cumulative_pnl": cumulative, "calibration": bands,
+    out = {"by_strategy": strategies, "cumulative_pnl": cumulative, "pnl_axis": axis, "calibration": bands,
            "pnl_distribution": _distribution(conn, where, params, n_pnl, lo, hi)}
     if per_symbol:
         out["by_symbol"] = _breakdown(conn, "symbol", where, params)[0]

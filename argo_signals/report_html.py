@@ -205,7 +205,11 @@ def _health(r: Dict[str, Any], ch: _Charts) -> str:
                    [(fmt_time(s["start"], width), s["time_to_durable_ms"]["n"],
                      fmt_ms(s["time_to_durable_ms"]["p50"]), fmt_ms(s["time_to_durable_ms"]["p99"]))
                     for s in iv if s["time_to_durable_ms"]["n"]]),
-            note="A signal given its own older timestamp shows here as a long time to durable."))
+            note="Commit time minus the signal's own timestamp. A signal given its own older timestamp shows "
+                 "here as a long time to durable."
+                 + (f" The {h['simulated_time_signals']} signals of argo-signals demo in this period "
+                    "carry simulated timestamps and are left out (the demo prints their real time from "
+                    "log_signal() to commit)." if h["simulated_time_signals"] else "")))
 
         def shares(ax: Any) -> None:
             bottom = [0.0] * len(iv)
@@ -290,9 +294,12 @@ def _quality(r: Dict[str, Any], ch: _Charts) -> str:
         out.append(_empty("empty-outcomes", NO_OUTCOMES))
         return "".join(out)
 
-    n_iv = r["period"]["interval_count"]
+    axis = q["pnl_axis"]
+    n_iv = axis["interval_count"]
     cum = q["cumulative_pnl"]
     if cum:
+        signal_time = _Charts(axis["interval_ms"], axis["starts"])
+
         def cumulative(ax: Any) -> None:
             for name, points in cum.items():
                 series = [0.0] * n_iv
@@ -306,14 +313,18 @@ def _quality(r: Dict[str, Any], ch: _Charts) -> str:
             ax.axhline(0, color="#555", lw=0.8)
             ax.set_ylabel("cumulative P/L %")
             ax.legend(loc="upper left", fontsize=7, frameon=False, ncol=2)
-            ch.time_axis(ax)
+            signal_time.time_axis(ax)
         rows = []
         for name, points in cum.items():
             path = [p["cumulative_pnl_pct"] for p in points]
             rows.append((name, sum(p["closed"] for p in points), fmt_num(path[-1]), fmt_num(min(path)),
                          fmt_num(max(path))))
-        out.append(_panel("Cumulative P/L % per strategy (by the signal's commit interval)", ch.svg(cumulative),
-                          _table("t-cumulative", ("strategy", "with P/L", "at end", "lowest", "highest"), rows)))
+        out.append(_panel("Cumulative P/L % per strategy (by the signal's own time)", signal_time.svg(cumulative),
+                          _table("t-cumulative", ("strategy", "with P/L", "at end", "lowest", "highest"), rows),
+                          note="Over the signals' timestamps, not their commit time: "
+                               f"{fmt_time(axis['starts'][0], 1)} to the end of "
+                               f"{fmt_time(axis['starts'][-1], axis['interval_ms'])}, intervals of "
+                               f"{fmt_ms(axis['interval_ms'])}."))
     else:
         out.append(_empty("empty-cumulative", "no profit_loss_pct recorded yet: " + NO_OUTCOMES))
 
@@ -385,7 +396,9 @@ def render(report: Dict[str, Any]) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
             f"<h1>{_e(title)}</h1><p class=\"meta\">{_e(meta)}</p>"
-            "<p class=\"meta\">All times are UTC. Numbers are rounded here; "
+            "<p class=\"meta\">All times are UTC. Pipeline health is by commit time (created_at): its "
+            "intervals, time to durable (created_at − timestamp) and sync lag (synced_at − created_at). "
+            "The cumulative P/L is by the signals' own time (timestamp). Numbers are rounded here; "
             "<code>argo-signals report --json</code> prints them exactly.</p>"
             f"<h2>Pipeline health</h2>{_health(report, ch)}"
             f"<h2>Signal quality</h2>{_quality(report, ch)}"

@@ -158,9 +158,10 @@ class SQLiteSink:
         st = self.stats
         now = time.monotonic()
         st.persisted += result.inserted
+        st.persisted_by[reason or "fallback"] += result.inserted
         st.duplicates += result.duplicates
-        st.latencies.extend(now - t for t in starts)
-        if reason is not None:
+        st.record_durable(now - t for t in starts)
+        if reason in st.flushes:
             st.flushes[reason] += 1
         for sid, why, _ in result.rejected_rows:
             st.rejected += 1
@@ -229,7 +230,7 @@ class SQLiteSink:
             log.warning("spill file %s cannot be replayed now: %s", self.spill_path, exc)
             return False
         self.stats.replayed += len(taken.rows)
-        self._account(result, [], None)
+        self._account(result, [], "replay")
         log.warning("replayed %d spilled signals and %d updates from %s (%d new, %d already stored)",
                     len(taken.rows), len(taken.updates), self.spill_path, result.inserted,
                     result.duplicates)

@@ -2,10 +2,43 @@
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import deque
-from typing import Any, Deque, Dict, Iterable, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
 
 FLUSH_REASONS = ("size", "timeout", "interval", "manual", "close")
+# What wrote a committed row: a flush of the writer thread (by its trigger), a caller writing
+# synchronously ("fallback"), or a replay of the spill file.
+PERSIST_TRIGGERS = FLUSH_REASONS + ("fallback", "replay")
+# Upper bounds (seconds) of the time-to-durable histogram; the default batch_timeout is 5 s.
+DURABLE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# ... and of the sync lag (commit to the receiver's accepting answer), backoffs included.
+SYNC_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+
+class Histogram:
+    """Counts per upper bound (the last slot: above them all), their count and sum, since the
+    start.  One writer at a time; a reader copies the counts without a lock."""
+
+    def __init__(self, bounds: Tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts: List[int] = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, values: Iterable[float]) -> None:
+        counts, bounds = self.counts, self.bounds
+        values = list(values)
+        for v in values:
+            counts[bisect_left(bounds, v)] += 1
+        self.sum += math.fsum(values)
+
+    def snapshot(self) -> Dict[str, Any]:
+        """Cumulative counts per upper bound (labelled as Prometheus labels them), count, sum."""
+        total, buckets = 0, {}
+        for bound, n in zip([repr(b) for b in self.bounds] + ["+Inf"], list(self.counts)):
+            total += n
+            buckets[bound] = total
+        return {"buckets": buckets, "count": total, "sum": round(self.sum, 6)}
 
 
 def nearest_rank(q: float, n: int) -> int:
@@ -53,8 +86,16 @@ class Stats:
         self.spill_bad = 0          # spill lines set aside to <spill>.bad
         self.unsaved = 0            # printed to stderr: neither database nor spill could be written
         self.flushes: Dict[str, int] = {r: 0 for r in FLUSH_REASONS}
+        self.persisted_by: Dict[str, int] = {t: 0 for t in PERSIST_TRIGGERS}
         self.last_error: Optional[str] = None
         self.latencies: Deque[float] = deque(maxlen=50_000)  # seconds, log_signal() -> commit
+        self.durable = Histogram(DURABLE_BUCKETS)   # every latency since the start
+
+    def record_durable(self, seconds: Iterable[float]) -> None:
+        """Note the log_signal() -> commit times of committed signals (the writer's side)."""
+        values = list(seconds)
+        self.latencies.extend(values)
+        self.durable.observe(values)
 
     def snapshot(self) -> Dict[str, Any]:
         lat = sorted(self.latencies)
@@ -73,7 +114,9 @@ class Stats:
             "spill_bad": self.spill_bad,
             "unsaved": self.unsaved,
             "flushes": dict(self.flushes),
+            "persisted_by": dict(self.persisted_by),
             "last_error": self.last_error,
             "latency_ms": {"p50": None if p50 is None else round(p50 * 1000, 3),
                            "p99": None if p99 is None else round(p99 * 1000, 3)},
+            "time_to_durable_s": self.durable.snapshot(),
         }

@@ -462,4 +462,6 @@ class Syncer:
 
     # -- stats -----------------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
-        return {"sync_retries": self.retries, "sync_last_error": self.last_error}
+        return {"sync_retries": self.retries, "sync_last_error": self.last_error,
+                "sync_outcomes": dict(self.outcomes.counts), "sync_breaker": self.breaker.state.value,
+                "sync_delivery_lag_s": self.outcomes.lag.snapshot()}

@@ -17,7 +17,7 @@ from .config import Config, default_db_path
 from .engine import Engine, State
 from .signal import normalise, normalise_update
 from .sink import INSERT, UPDATE, SQLiteSink
-from .stats import Stats
+from .stats import SYNC_LAG_BUCKETS, Histogram, Stats
 from .sync import Syncer, SyncConfig
 
 log = logging.getLogger("argo_signals")
@@ -141,7 +141,8 @@ class SignalTracker:
         if self._syncer is not None:
             out.update(self._syncer.stats())
         else:
-            out.update({"sync_retries": 0, "sync_last_error": None})
+            out.update({"sync_retries": 0, "sync_last_error": None, "sync_outcomes": {}, "sync_breaker": None,
+                        "sync_delivery_lag_s": Histogram(SYNC_LAG_BUCKETS).snapshot()})
         out["sync_enabled"] = self._syncer is not None
         return out
 

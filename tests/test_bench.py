@@ -10,6 +10,7 @@ KEYS = ["e2e_rows_per_s", "raw_rows_per_s", "e2e_vs_raw", "naive_rows_per_s", "e
         "log_signal_p50_us", "log_signal_p99_us", "queuehandler_p50_us", "log_signal_vs_queuehandler",
         "sync_signals_per_s", "sync_backlog_drain_s", "e2e_full_rows_per_s", "e2e_random_ids_rows_per_s",
         "insert_all_rows_per_s", "requests_ceiling_per_s"]
+KEYS += ["log_signal_p50_us_scraped", "log_signal_p50_us_unscraped", "scrapes_per_s"]  # metrics scraped or not
 
 
 def test_bench_json_has_every_figure():

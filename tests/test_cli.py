@@ -3,10 +3,13 @@ installed console script on real database files."""
 import csv
 import io
 import json
+import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from click.testing import CliRunner
 
 from argo_signals import SignalTracker
 from argo_signals.cli import main
+from argo_signals.report import collect
 
 from argo_signals.testing import AlpineServer
 from conftest import LineReader, count, make_signal, rows
@@ -53,14 +57,36 @@ def alpine():
 
 
 def test_demo_runs_and_reports(db):
-    r = cli("demo", "--db", db, "--count", 300, "--producers", 3, "--quiet")
+    r = cli("demo", "--db", db, "--count", 300, "--producers", 3, "--quiet", "--no-sync")
     assert r.exit_code == 0, r.output
     assert "300 of 300 signals persisted" in r.output and "log_signal(): p50" in r.output
+    assert "sync: off (--no-sync" in r.output
     assert count(db) == 300
-    r = cli("demo", "--db", db, "--count", 50, "--json")
+    r = cli("demo", "--db", db, "--count", 50, "--json", "--no-sync")
     data = json.loads(r.output)
     assert data["persisted"] == 50 and data["logged"] == 50 and data["sync"]["enabled"] is False
-    assert count(db) == 350
+    assert count(db) == 350 and count(db) == len(rows(db, "sync_status = 'pending'"))
+    assert cli("demo", "--db", db, "--no-sync", "--alpine-url", "http://127.0.0.1:9").exit_code == 2
+
+
+def test_demo_without_a_url_syncs_to_a_stand_in_receiver_and_stops_it(db):
+    r = cli("demo", "--db", db, "--count", 200, "--quiet")
+    assert r.exit_code == 0, r.output
+    port = int(re.search(r"sync: to a local stand-in receiver on 127\.0\.0\.1:(\d+); "
+                         r"pass --alpine-url for a real one\n", r.output).group(1))
+    done = rows(db)
+    synced = [x for x in done if x["sync_status"] == "synced"]
+    assert len(synced) + sum(x["sync_status"] == "skipped" for x in done) == 200 and synced
+    assert re.search(rf"\n    {len(synced)} synced, 0 pending, .* lag p50 \d+\.\d ms, p99 \d+\.\d ms\n", r.output)
+    with pytest.raises(OSError):  # stopped at the end
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    # the signals' own timestamps span the simulated session; commit times are real
+    stamps = sorted(datetime.fromisoformat(x["timestamp"]) for x in done)
+    assert timedelta(hours=6) < stamps[-1] - stamps[0] <= timedelta(hours=6, minutes=30)
+    assert len(set(stamps)) == 200 and all(x["timestamp"] < x["created_at"] for x in done)
+    h = collect(str(db))["health"]
+    assert h["sync_lag_ms"]["n"] == len(synced) and h["by_sync_status"]["synced"] == len(synced)
+    assert h["simulated_time_signals"] == 200 and h["time_to_durable_ms"]["n"] == 0  # simulated: left out
 
 
 def test_demo_as_a_real_process_with_alpine(tmp_path, alpine):

@@ -35,7 +35,9 @@ def test_every_third_party_import_is_declared():
         for line in cfg["options"][section].split("\n"):
             if line.strip():
                 declared.add(line.strip().split(">")[0].split("=")[0].split("<")[0].strip().lower())
-    optional = {"matplotlib"}
+    optional = {"matplotlib": "report", "prometheus_client": "prometheus"}  # module: its extra
+    for module, extra in optional.items():
+        assert module.replace("_", "-") in cfg["options.extras_require"][extra], extra
     imported = set()
     for tree in _trees().values():
         for node in ast.walk(tree):
@@ -43,7 +45,7 @@ def test_every_third_party_import_is_declared():
                 imported.update(a.name.split(".")[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module != "__future__":
                 imported.add(node.module.split(".")[0])
-    third_party = {m for m in imported if not _is_stdlib(m)} - optional
+    third_party = {m for m in imported if not _is_stdlib(m)} - set(optional)
     assert {m.replace("_", "-") for m in third_party} <= declared, third_party
     assert "click" in declared
 

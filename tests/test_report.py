@@ -149,8 +149,11 @@ def test_json_has_the_exact_numbers(db):
                      "total_pnl_pct": pytest.approx(1.0)}
     assert (beta["signals"], beta["buy"], beta["sell"], beta["neutral"], beta["closed"], beta["win_rate"],
             beta["mean_confidence"], beta["total_pnl_pct"]) == (4, 1, 2, 1, 2, 0.5, 55.25, 1.5)
+    # by the signals' own time (timestamp = commit time - the ms above): 09:09:59.9 to 10:10:15,
+    # so 2-minute intervals from 09:08
+    assert (q["pnl_axis"]["interval_ms"], q["pnl_axis"]["starts"][0][11:19]) == (120_000, "09:08:00")
     assert [(p["end"][11:16], p["cumulative_pnl_pct"]) for p in q["cumulative_pnl"]["alpha"]] == [
-        ("09:15", 3.0), ("10:15", 1.0)]
+        ("09:10", 2.0), ("09:12", 3.0), ("10:10", 1.0), ("10:12", 1.0)]
     assert [p["cumulative_pnl_pct"] for p in q["cumulative_pnl"]["beta"]] == [-1.5, 1.5]
     decided = [(c["low"], c["decided"], c["wins"], c["win_rate"]) for c in q["calibration"] if c["decided"]]
     assert decided == [(60, 2, 1, 0.5), (80, 1, 1, 1.0), (90, 2, 1, 0.5)]
@@ -219,6 +222,32 @@ def test_page_is_self_contained_and_says_utc(db):
     assert set(re.findall(r"https?://[^\s\"'<>)]+", page)) == {"http://www.w3.org/2000/svg",
                                                           "http://www.w3.org/1999/xlink"}  # namespaces
     assert "All times are UTC" in page and "09:00:00.000 to 2026-01-01 12:00:00.000 UTC" in page
+
+
+def test_the_page_says_which_figures_use_commit_time_and_leaves_simulated_time_out_of_durable(db):
+    assert cli("demo", "--db", db, "--count", 30, "--quiet", "--no-sync").exit_code == 0
+    with SignalTracker(db, register_atexit=False) as t:   # one signal stamped by the library
+        t.log_signal(make_signal(1, outcome="win", profit_loss_pct=1.0))
+    r = collect(str(db))
+    assert r["health"]["simulated_time_signals"] == 30 and r["health"]["time_to_durable_ms"]["n"] == 1
+    axis = r["quality"]["pnl_axis"]  # the demo's session: hours, not the run's second
+    assert axis["interval_count"] * axis["interval_ms"] >= 6 * 3600 * 1000 > r["period"]["interval_count"] * r["period"]["interval_ms"]
+    page = render(r)
+    assert "Pipeline health is by commit time (created_at)" in page
+    assert "The 30 signals of argo-signals demo in this period carry simulated timestamps" in page
+    assert "Cumulative P/L % per strategy (by the signal&#x27;s own time)" in page
+
+
+def test_a_timestamp_another_program_wrote_as_junk_does_not_stop_the_pnl_axis(db):
+    build(db)
+    conn = store.connect(str(db))
+    conn.execute("INSERT INTO signals (signal_id, symbol, action, entry_price, confidence, strategy, timestamp, "
+                 "sha256, created_at, sync_status, sync_attempts, profit_loss_pct) VALUES ('junk', 'X', 'BUY', 1, "
+                 "50, 'alpha', 'zzz not a time', 'x', '2026-01-01T10:00:00+00:00', 'pending', 0, 5.0)")
+    conn.close()
+    q = collect(str(db), since=SINCE, now=NOW)["quality"]
+    assert q["pnl_axis"]["starts"][0][11:19] == "09:08:00"   # the junk is not the axis' end
+    assert [p["cumulative_pnl_pct"] for p in q["cumulative_pnl"]["alpha"]] == [2.0, 3.0, 1.0, 1.0]
 
 
 def test_strategy_filter_and_relative_since(db):
@@ -335,7 +364,7 @@ def test_without_matplotlib_the_page_names_the_extra_and_json_still_works(db, tm
     assert "Traceback" not in r.stderr and not out.exists()
     r = run_script(BLOCK, "report", "--db", db, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["health"]["signals"] == 9
-    r = run_script(BLOCK, "demo", "--db", tmp_path / "demo.db", "--count", 40, "--quiet")
+    r = run_script(BLOCK, "demo", "--db", tmp_path / "demo.db", "--count", 40, "--quiet", "--no-sync")
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == (
         f"see it all on one page: argo-signals report --db {tmp_path / 'demo.db'} --open "
         "(first: pip install 'argo-signals[report]')")
@@ -357,7 +386,7 @@ def test_open_hands_the_file_to_the_browser(db, tmp_path):
 def test_demo_closes_a_share_with_confidence_tracking_win_rate(tmp_path):
     assert win_probability(90, "momentum") > win_probability(60, "momentum") > win_probability(30, "momentum")
     db = tmp_path / "demo.db"
-    r = cli("demo", "--db", db, "--count", 4000, "--quiet", "--json")
+    r = cli("demo", "--db", db, "--count", 4000, "--quiet", "--json", "--no-sync")
     data = json.loads(r.output)
     closed = data["closed"]["wins"] + data["closed"]["losses"]
     assert 0.45 * 4000 < closed < 0.65 * 4000

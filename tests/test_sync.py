@@ -477,7 +477,7 @@ def test_the_sync_bar_advances_per_settled_row(db, alpine):
 
 
 def test_demo_reports_this_runs_signals_only_with_a_sync_bar(db, alpine):
-    assert cli("demo", "--db", db, "--count", 60, "--quiet").returncode == 0   # no URL: rows stay pending
+    assert cli("demo", "--db", db, "--count", 60, "--quiet", "--no-sync").returncode == 0   # rows stay pending
     out = cli("demo", "--db", db, "--count", 60, "--quiet", "--json", "--alpine-url", alpine.url)
     assert out.returncode == 0, out.stderr
     sync = json.loads(out.stdout)["sync"]
