@@ -242,7 +242,7 @@ def _next_chunk(path: str, max_entries: int) -> Optional[Chunk]:
                 continue
             try:
                 kind, entry = entry_from_json(line)
-            except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
+            except (ValueError, TypeError, AttributeError, KeyError, RecursionError, OverflowError) as exc:
                 bad.append((line.rstrip(b"\n"), f"line at byte {pos - len(line)} of {source} is not a "
                                                  f"valid entry ({exc})"))
                 continue
