@@ -513,7 +513,7 @@ def status(db_path: str, as_json: bool) -> None:
             f"  updates waiting for their insert: {waiting['waiting_updates']}"
             + (f" (oldest {waiting['waiting_update_oldest_s']:.0f} s)\n"
                if waiting["waiting_update_oldest_s"] is not None else "\n") +
-            f"  last sync error: " + (f"{last_error['error']} (at {last_error['at']})" if last_error else "none"))
+            "  last sync error: " + (f"{last_error['error']} (at {last_error['at']})" if last_error else "none"))
     _emit(data, as_json, text)
 
 

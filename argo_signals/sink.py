@@ -41,6 +41,8 @@ UNSAVED_PREFIX = "argo-signals-unsaved: "
 _INHERITED: List[sqlite3.Connection] = []
 # A batch write replays a waiting spill first for at most this long; the rest replays on ticks.
 REPLAY_SLICE = 2.0
+# How long letting go of a moved database waits for other connections to let a checkpoint finish.
+MOVED_CHECKPOINT_WAIT = 2.0
 
 FileId = Optional[Tuple[int, int]]
 
@@ -126,8 +128,13 @@ class SQLiteSink:
         checkpointed is kept aside, never deleted)."""
         path = self.config.db_path
         complete = False
-        try:
-            complete = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        give_up = time.monotonic() + MOVED_CHECKPOINT_WAIT
+        try:   # other processes' transactions on the moved file end soon: wait for them a little
+            conn.execute("PRAGMA busy_timeout = 200")
+            while not complete and time.monotonic() < give_up:
+                complete = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+                if not complete:
+                    time.sleep(0.02)
         except sqlite3.Error as exc:
             log.error("could not checkpoint the moved database: %s", exc)
         try:

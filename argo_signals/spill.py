@@ -314,7 +314,7 @@ def entry_from_json(line: bytes) -> Tuple[str, Any]:
             if value is None and not _NUMBERS[name]:
                 out[name] = None
                 continue
-            if type(value) not in (int, float) or not math.isfinite(value):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"{name}: expected a finite number, got {value!r}")
             out[name] = float(value)
         elif name == "action":

@@ -249,8 +249,8 @@ def _apply_waiting(conn: sqlite3.Connection, ids: List[str], result: BatchResult
             done.append(seq)
             result.applied_waiting += 1
     for i in range(0, len(done), 500):
-        chunk = done[i:i + 500]
-        conn.execute(f"DELETE FROM waiting_updates WHERE seq IN ({', '.join('?' * len(chunk))})", chunk)
+        seqs = done[i:i + 500]
+        conn.execute(f"DELETE FROM waiting_updates WHERE seq IN ({', '.join('?' * len(seqs))})", seqs)
 
 
 def _refused(what: str, exc: BaseException) -> str:
