@@ -26,7 +26,8 @@ from . import spill
 from .config import Config
 from .signal import FIELDS, finish
 from .stats import Stats
-from .store import BatchResult, connect, ensure_schema, is_environment_error, overdue_waiting, write_batch
+from .store import (BatchResult, connect, connect_readonly, ensure_schema, is_environment_error,
+                    overdue_waiting, write_batch)
 
 log = logging.getLogger("argo_signals")
 
@@ -159,13 +160,21 @@ class SQLiteSink:
 
     def tick(self) -> None:
         """Periodic care (the engine's tick, under its write lock): notice a moved database
-        file, and report waiting updates older than ``waiting_update_max_age``, once each."""
+        file, and report waiting updates older than ``waiting_update_max_age``, once each.
+        The write connection is used only when the file has moved (the report reads through
+        a read-only connection of its own)."""
         if self._conn is None:
             return
+        path = self.config.db_path
         try:
-            conn = self._connection()
-            overdue = overdue_waiting(conn, time.time() - self.config.waiting_update_max_age,
-                                      self._warned_seq)
+            if _file_id(path) != self._inode:
+                self._connection()
+            conn = connect_readonly(path, timeout=1.0)
+            try:
+                overdue = overdue_waiting(conn, time.time() - self.config.waiting_update_max_age,
+                                          self._warned_seq)
+            finally:
+                conn.close()
         except (sqlite3.Error, OSError) as exc:
             log.debug("periodic database check failed: %s", exc)
             return

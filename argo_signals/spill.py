@@ -284,9 +284,10 @@ def consumed(chunk: Chunk) -> None:
     os.replace(tmp, f"{taken}.done")
 
 
-_REQUIRED_TEXT = ("signal_id", "symbol", "strategy", "asset_type", "timestamp")
-_NUMBERS = {"entry_price": True, "confidence": True, "target_price": False, "stop_price": False,
-            "exit_price": False, "profit_loss_pct": False}
+_REQUIRED_TEXT = frozenset(("signal_id", "symbol", "strategy", "asset_type", "timestamp"))
+_REQUIRED_NUMBERS = frozenset(("entry_price", "confidence"))
+_OPTIONAL_NUMBERS = frozenset(("target_price", "stop_price", "exit_price", "profit_loss_pct"))
+_ACTIONS = frozenset(("BUY", "SELL", "NEUTRAL"))
 
 
 def entry_from_json(line: bytes) -> Tuple[str, Any]:
@@ -307,33 +308,33 @@ def entry_from_json(line: bytes) -> Tuple[str, Any]:
         if not isinstance(boot, str) or not isinstance(mono, (int, float)) or isinstance(mono, bool):
             boot, mono = None, 0.0   # written before call order was recorded: file order
         return "update", ((boot, float(mono)), (sid, normalise_update(fields)))
-    out: Dict[str, Any] = {}
-    for name in FIELDS:
-        value = obj.get(name)
-        if name in _NUMBERS:
-            if value is None and not _NUMBERS[name]:
-                out[name] = None
-                continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    values: List[Any] = [obj.get(name) for name in FIELDS]
+    for i, (name, value) in enumerate(zip(FIELDS, values)):
+        kind = type(value)
+        if kind is str:
+            if name in _REQUIRED_NUMBERS or name in _OPTIONAL_NUMBERS:
                 raise ValueError(f"{name}: expected a finite number, got {value!r}")
-            out[name] = float(value)
-        elif name == "action":
-            if value not in ("BUY", "SELL", "NEUTRAL"):
-                raise ValueError(f"action: expected BUY, SELL or NEUTRAL, got {value!r}")
-            out[name] = value
-        elif value is None and name not in _REQUIRED_TEXT:
-            out[name] = None
-        elif type(value) is not str or (name in _REQUIRED_TEXT and not value):
-            raise ValueError(f"{name}: expected a{' non-empty' if name in _REQUIRED_TEXT else ''} "
-                             f"string, got {type(value).__name__}")
+            if (not value and name in _REQUIRED_TEXT) or (name == "action" and value not in _ACTIONS):
+                raise ValueError(f"{name}: not an accepted value: {value!r}")
+            if not value.isascii():
+                value.encode("utf-8")   # UnicodeEncodeError (a ValueError) for lone surrogates
+        elif kind is float or kind is int:
+            if name not in _REQUIRED_NUMBERS and name not in _OPTIONAL_NUMBERS:
+                raise ValueError(f"{name}: expected a string, got a number")
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value!r}")
+            values[i] = float(value)
+        elif value is None:
+            if name in _REQUIRED_TEXT or name in _REQUIRED_NUMBERS or name == "action":
+                raise ValueError(f"{name}: is required")
         else:
-            value.encode("utf-8")   # UnicodeEncodeError (a ValueError) for lone surrogates
-            out[name] = value
+            raise ValueError(f"{name}: unexpected {kind.__name__}")
+    out = dict(zip(FIELDS, values))
     datetime.fromisoformat(out["timestamp"])   # ValueError if it is not one
     meta = out["metadata"]
     if meta is not None and not isinstance(json.loads(meta), dict):
         raise ValueError("metadata must hold a JSON object")
-    return "row", finish(tuple(out[name] for name in FIELDS))   # the hash is computed again
+    return "row", finish(tuple(values))   # the hash is computed again
 
 
 def _set_aside(aside: str, data: bytes, why: str) -> None:
