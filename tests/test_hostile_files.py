@@ -257,6 +257,32 @@ def test_replay_stopped_at_its_deadline_resumes_exactly_once(db):
     assert other.stats.duplicates == 0 and other.stats.replayed == n - done
 
 
+def test_a_replay_killed_between_chunks_leaves_each_line_for_exactly_one_commit(db):
+    n = 6_000
+    _write_spill(spill_of(db), n)
+    proc = spawn_script("""
+        import sys
+        from argo_signals.config import Config
+        from argo_signals.sink import SQLiteSink
+        from argo_signals.stats import Stats
+        sink = SQLiteSink(Config(db_path=sys.argv[1]), Stats())
+        sink.open()
+        sink.replay(None)
+    """, db)
+    try:
+        assert wait_for(lambda: count(db) >= 1000 or proc.poll() is not None, 30)
+    finally:
+        proc.kill()                                   # kill -9, somewhere in the replay
+        proc.wait(10)
+    assert 0 < count(db) < n, "the replay was not cut short"
+    with SignalTracker(db, **QUIET) as t:
+        assert t.flush(30)
+    c = sqlite3.connect(db)
+    assert c.execute("SELECT count(*), count(DISTINCT signal_id) FROM signals").fetchone() == (n, n)
+    c.close()
+    assert spill.pending_count(str(spill_of(db))) == 0 and not Path(f"{spill_of(db)}.bad").exists()
+
+
 def test_a_bad_spill_line_is_set_aside_once_through_an_outage(db):
     ro = threading.Event()
     good = finish(normalise(make_signal(1, signal_id="good-1")))
