@@ -318,7 +318,7 @@ class Engine:
     def _tick(self) -> None:
         if self.sink.spill_pending():
             self._replay(time.monotonic() + self.config.write_retry_budget)
-        if self._write_lock.acquire(time.monotonic() + 1.0):
+        if self._write_lock.acquire(time.monotonic() + 0.05):   # busy: the next tick does it
             try:
                 self._write_lock.busy = True
                 self.sink.tick()
