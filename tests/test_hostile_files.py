@@ -205,16 +205,18 @@ def _write_spill(path, n, tag="r"):
             f.write(json.dumps(dict(zip(FINISHED_FIELDS, row))) + "\n")
 
 
-def test_close_returns_by_its_deadline_whatever_the_spill_holds_and_replay_memory_is_bounded(db):
+def test_close_returns_by_its_deadline_whatever_the_spill_holds_and_replay_memory_is_bounded(db, tmp_path):
     n = 15_000
-    _write_spill(spill_of(db), n)
+    prepared = tmp_path / "prepared.jsonl"
+    _write_spill(prepared, n)
     out = run_script("""
-        import resource, sys, time
+        import os, resource, sys, time
         from argo_signals import SignalTracker
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t = SignalTracker(sys.argv[1], batch_size=10_000, batch_timeout=3600, flush_interval=3600,
                           register_atexit=False)
-        time.sleep(0.05)
+        time.sleep(0.1)                          # past the writer's first tick: close() replays
+        os.rename(sys.argv[2], sys.argv[1] + ".spill.jsonl")
         start = time.monotonic()
         ok = t.close(timeout=0.3)
         took = time.monotonic() - start
@@ -223,8 +225,7 @@ def test_close_returns_by_its_deadline_whatever_the_spill_holds_and_replay_memor
         ok2 = t2.flush(60)
         grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
         print(ok, round(took, 2), ok2, grown)
-        print(grown, file=sys.stderr)
-    """, db, timeout=120)
+    """, db, prepared, timeout=120)
     assert out.returncode == 0, out.stderr
     ok, took, ok2, grown_kb = out.stdout.split()
     assert ok == "False" and float(took) < 1.5, f"close(timeout=0.3) returned {ok} after {took}s"
