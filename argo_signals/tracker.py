@@ -92,7 +92,9 @@ class SignalTracker:
         """Queue an update (order_id, outcome, exit_price, profit_loss_pct, executor_id).
 
         It travels the same queue, so it lands after the insert it refers to (also when that
-        insert had to be spilled: the update then waits behind it in the spill file).
+        insert had to be spilled: the update then waits behind it in the spill file).  An
+        update of a signal not in the database yet (logged by another process, say) waits in
+        the database and is applied when that signal's insert is committed.
         """
         if self._pid != os.getpid():
             self._after_fork()
