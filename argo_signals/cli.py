@@ -29,7 +29,7 @@ from .signal import FIELDS, HASH_FIELDS, RESERVED_COLUMNS, SignalValidationError
 from .sink import UNSAVED_PREFIX
 from .stats import percentile
 from .store import SYNC_STATUSES, connect_readonly
-from .tracker import SignalTracker, default_db_path, sync_state
+from .tracker import SignalTracker, default_db_path, sync_state, waiting_state
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _DB_HELP = "SQLite database file (may also come before the command)."
@@ -554,6 +554,7 @@ def status(db_path: str, as_json: bool) -> None:
     finally:
         conn.close()
     st = sync_state(db_path)
+    waiting = waiting_state(db_path)
     size = sum(os.path.getsize(p) for p in (db_path, db_path + "-wal") if os.path.exists(p))
     data = {"database": db_path, "signals": total,
             "by_sync_status": {"pending": st["sync_pending"], "synced": st["synced"],
@@ -564,6 +565,7 @@ def status(db_path: str, as_json: bool) -> None:
             "last_written": last["created_at"] if last else None,
             "refused_rows": rejected,
             "spill_pending": spill.pending_count(spill.spill_path(db_path)),
+            **waiting,
             "size_bytes": size, "journal_mode": journal, "sync_lag_s": st["sync_lag_s"],
             "last_sync_error": last_error}
     by = data["by_sync_status"]
@@ -573,7 +575,10 @@ def status(db_path: str, as_json: bool) -> None:
             f"lag {'-' if st['sync_lag_s'] is None else str(st['sync_lag_s']) + ' s'}\n"
             f"  oldest {data['oldest_signal']}, newest {data['newest_signal']}\n"
             f"  refused rows (rejected_signals): {rejected}; spill file lines: {data['spill_pending']}\n"
-            f"  last sync error: " + (f"{last_error['error']} (at {last_error['at']})" if last_error else "none"))
+            f"  updates waiting for their insert: {waiting['waiting_updates']}"
+            + (f" (oldest {waiting['waiting_update_oldest_s']:.0f} s)\n"
+               if waiting["waiting_update_oldest_s"] is not None else "\n") +
+            "  last sync error: " + (f"{last_error['error']} (at {last_error['at']})" if last_error else "none"))
     _emit(data, as_json, text)
 
 

@@ -45,6 +45,7 @@ class Config:
     busy_timeout: float = 5.0
     write_retry_budget: float = 30.0
     on_connect: Optional[Callable[[sqlite3.Connection], None]] = None
+    waiting_update_max_age: float = 86400.0   # an update waiting longer for its insert is reported
     register_atexit: bool = True
     atexit_timeout: float = 10.0
     handle_signals: bool = False
@@ -63,6 +64,8 @@ class Config:
             raise ValueError("batch_timeout and flush_interval must be > 0")
         if self.durability not in ("normal", "full"):
             raise ValueError("durability must be 'normal' or 'full'")
+        if self.waiting_update_max_age <= 0:
+            raise ValueError("waiting_update_max_age must be > 0")
         if self.queue_full_timeout < 0 or self.write_retry_budget < 0 or self.atexit_timeout < 0:
             raise ValueError("timeouts and budgets must be >= 0")
         check_api_key(self.api_key)   # ValueError (never repeating the key) if the receiver cannot compare it

@@ -53,6 +53,7 @@ class Sink(Protocol):
     def salvage(self, entries: Sequence[Entry], max_wait: Optional[float] = None) -> Outcome: ...
     def close(self) -> None: ...
     def after_fork(self) -> None: ...
+    def tick(self) -> None: ...
 
 
 _OPEN = State.OPEN
@@ -317,6 +318,14 @@ class Engine:
     def _tick(self) -> None:
         if self.sink.spill_pending():
             self._replay(time.monotonic() + self.config.write_retry_budget)
+        if self._write_lock.acquire(time.monotonic() + 0.05):   # busy: the next tick does it
+            try:
+                self._write_lock.busy = True
+                self.sink.tick()
+            except Exception:
+                log.exception("periodic database check failed")
+            finally:
+                self._write_lock.release()
         if self.on_tick is not None:
             try:
                 self.on_tick()
@@ -353,7 +362,12 @@ class Engine:
                 if left <= 0:
                     break
                 time.sleep(min(left, 0.002))
-        if self._done < target and not self._run_until(target, "manual", deadline):
+        try:
+            if self._done < target and not self._run_until(target, "manual", deadline):
+                return False
+        except Exception:   # flush() answers with a bool; the entries stay queued
+            log.exception("writing at flush failed; the entries stay queued")
+            self.stats.last_error = "write at flush failed (see log)"
             return False
         return self._done >= target and self._settle_spill(deadline)
 

@@ -24,6 +24,7 @@ from . import spill
 from .demo import SIMULATED_SOURCE
 from .signal import SignalValidationError, format_timestamp
 from .stats import percentiles_of_counts
+from .store import waiting_summary
 
 __all__ = ["ReportError", "parse_since", "collect", "DEFAULT_BATCH_TIMEOUT", "MAX_BUCKETS",
            "SYNC_STATES", "ACTIONS", "CONFIDENCE_BANDS"]
@@ -286,6 +287,7 @@ def _health(conn: sqlite3.Connection, db_path: str, where: str, params: Dict[str
             "created_at": oldest[0],
             "age_ms": None if oldest_at is None else _epoch_ms(now) - _epoch_ms(oldest_at)},
         "spill_lines": spill.pending_count(spill.spill_path(db_path)),
+        "waiting_updates": waiting_summary(conn)[0],
     }
 
 

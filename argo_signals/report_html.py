@@ -167,6 +167,7 @@ def _health(r: Dict[str, Any], ch: _Charts) -> str:
         ("oldest pending age", "–" if oldest is None else fmt_ms(oldest["age_ms"])),
         ("refused rows (rejected_signals)", h["refused"]["total"]),
         ("spill lines waiting", h["spill_lines"]),
+        ("updates waiting for their insert", h.get("waiting_updates", 0)),
     ]
     out.append('<section class="panel"><h3>At a glance</h3><div class="row">'
                + _table("t-summary", ("in the period", "signals"), summary_rows, scroll=False)

@@ -26,7 +26,8 @@ from . import spill
 from .config import Config
 from .signal import FIELDS, finish
 from .stats import Stats
-from .store import BatchResult, connect, ensure_schema, is_environment_error, write_batch
+from .store import (BatchResult, connect, connect_readonly, ensure_schema, is_environment_error,
+                    overdue_waiting, write_batch)
 
 log = logging.getLogger("argo_signals")
 
@@ -39,6 +40,20 @@ UNSAVED_PREFIX = "argo-signals-unsaved: "
 
 # Connections inherited from a parent process: never used nor closed in the child.
 _INHERITED: List[sqlite3.Connection] = []
+# A batch write replays a waiting spill first for at most this long; the rest replays on ticks.
+REPLAY_SLICE = 2.0
+# How long letting go of a moved database waits for other connections to let a checkpoint finish.
+MOVED_CHECKPOINT_WAIT = 2.0
+
+FileId = Optional[Tuple[int, int]]
+
+
+def _file_id(path: str) -> FileId:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class Outcome(enum.Enum):
@@ -55,8 +70,10 @@ class SQLiteSink:
         self.on_commit = on_commit
         self.spill_path = config.spill_path
         self._conn: Optional[sqlite3.Connection] = None
-        self._inode: Optional[Tuple[int, int]] = None
+        self._inode: FileId = None
+        self._journal: Tuple[FileId, FileId] = (None, None)   # our -wal and -shm files
         self._busy = config.busy_timeout   # the lock wait the open connection has now
+        self._warned_seq = 0               # waiting updates reported overdue up to this seq
 
     # -- connection ---------------------------------------------------------------------
     def open(self) -> None:
@@ -72,15 +89,12 @@ class SQLiteSink:
 
     def _connection(self) -> sqlite3.Connection:
         path = self.config.db_path
-        if self._conn is not None and self._inode is not None:
-            try:  # the file deleted or replaced under us: writing on would go to an orphan inode
-                st = os.stat(path)
-                same = (st.st_dev, st.st_ino) == self._inode
-            except OSError:
-                same = False
-            if not same:
-                log.error("database file %s vanished or was replaced; reopening it", path)
-                self.close()
+        if self._conn is not None and self._inode is not None and _file_id(path) != self._inode:
+            # the file was moved, deleted or replaced: writing on would go to the old inode
+            log.warning("database file %s was moved, deleted or replaced; what this tracker "
+                        "committed is checkpointed into the old file, new rows go to a new file "
+                        "at the path", path)
+            self.close()
         if self._conn is None:
             conn = connect(path, self.config.durability, self.config.busy_timeout)
             try:
@@ -92,16 +106,84 @@ class SQLiteSink:
                 conn.close()
                 raise
             self._conn, self._inode = conn, (st.st_dev, st.st_ino)
+            self._journal = (_file_id(path + "-wal"), _file_id(path + "-shm"))
         return self._conn
 
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except sqlite3.Error:
-                pass
-            self._conn = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if self._inode is not None and _file_id(self.config.db_path) != self._inode:
+                self._let_go_of_moved(conn)
+            else:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
         self._busy = self.config.busy_timeout
+
+    def _let_go_of_moved(self, conn: sqlite3.Connection) -> None:
+        """The database was renamed away (or deleted): SQLite does not checkpoint a moved file
+        on close, and its WAL is found by the old name, where a new database would take it
+        over.  So: checkpoint through this connection (it still refers to the moved file), close
+        it, and take our -wal/-shm files away from the path (a WAL that could not be
+        checkpointed is kept aside, never deleted)."""
+        path = self.config.db_path
+        complete = False
+        give_up = time.monotonic() + MOVED_CHECKPOINT_WAIT
+        try:   # other processes' transactions on the moved file end soon: wait for them a little
+            conn.execute("PRAGMA busy_timeout = 200")
+            while not complete and time.monotonic() < give_up:
+                complete = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+                if not complete:
+                    time.sleep(0.02)
+        except sqlite3.Error as exc:
+            log.error("could not checkpoint the moved database: %s", exc)
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
+        for name, ours in zip((path + "-wal", path + "-shm"), self._journal):
+            if ours is None or _file_id(name) != ours:
+                continue   # not there, or already a new database's
+            try:
+                if complete or name.endswith("-shm"):
+                    os.remove(name)
+                else:
+                    aside = f"{name}.moved-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+                    os.replace(name, aside)
+                    log.critical("rows committed to the moved database could not be checkpointed "
+                                 "into it: its WAL is kept as %s; place it next to the moved file "
+                                 "as <moved name>-wal to recover them", aside)
+            except OSError as exc:
+                log.error("could not take %s away from the database path: %s", name, exc)
+        self._journal = (None, None)
+
+    def tick(self) -> None:
+        """Periodic care (the engine's tick, under its write lock): notice a moved database
+        file, and report waiting updates older than ``waiting_update_max_age``, once each.
+        The write connection is used only when the file has moved (the report reads through
+        a read-only connection of its own)."""
+        if self._conn is None:
+            return
+        path = self.config.db_path
+        try:
+            if _file_id(path) != self._inode:
+                self._connection()
+            conn = connect_readonly(path, timeout=1.0)
+            try:
+                overdue = overdue_waiting(conn, time.time() - self.config.waiting_update_max_age,
+                                          self._warned_seq)
+            finally:
+                conn.close()
+        except (sqlite3.Error, OSError) as exc:
+            log.debug("periodic database check failed: %s", exc)
+            return
+        for seq, sid, queued_at in overdue:
+            self._warned_seq = max(self._warned_seq, seq)
+            self.stats.waiting_updates_overdue += 1
+            log.warning("an update of %r has been waiting %.0fs for its insert (waiting_updates "
+                        "seq %d); it is kept and applied if that insert lands", sid,
+                        time.time() - queued_at, seq)
 
     def after_fork(self) -> None:
         if self._conn is not None:
@@ -120,7 +202,8 @@ class SQLiteSink:
                 updates.append(payload)
         if not rows and not updates:
             return Outcome.COMMITTED
-        if self.spill_pending() and not self.replay(_left(stop_at)):
+        left = _left(stop_at)
+        if self.spill_pending() and not self.replay(REPLAY_SLICE if left is None else min(left, REPLAY_SLICE)):
             # what waits in the spill came first: go behind it so that order holds
             return self._spill(entries, rows, updates, "a spill is still waiting for the database",
                                _left(stop_at))
@@ -168,10 +251,16 @@ class SQLiteSink:
             log.warning("signal %s rejected into rejected_signals: %s", sid, why)
         for sid in result.unknown_updates:
             st.unknown_updates += 1
-            log.warning("update_signal(%r): no such signal; update ignored", sid)
+            log.info("update_signal(%r): no such signal yet; kept in waiting_updates until its "
+                     "insert lands", sid)
+        if result.applied_waiting:
+            log.info("applied %d waiting updates to signals inserted now", result.applied_waiting)
         for sid in result.refused_updates:
             st.rejected += 1
             log.warning("update of %r names columns that cannot be updated; ignored", sid)
+        if result.unstored_rejections:
+            log.critical("%d refused rows could not be recorded in rejected_signals even shortened",
+                         result.unstored_rejections)
         if result.inserted and self.on_commit is not None:
             try:
                 self.on_commit(result.inserted)
@@ -184,8 +273,7 @@ class SQLiteSink:
 
     def _spill(self, entries: Sequence[Entry], rows: List[tuple], updates: List[Update], why: str,
                max_wait: Optional[float] = None) -> Outcome:
-        offset = time.time() - time.monotonic()   # when each update was made, as epoch seconds
-        times = [t + offset for k, _, t in entries if k == UPDATE]
+        times = [t for k, _, t in entries if k == UPDATE]   # monotonic: the order of the calls
         try:
             spill.append(self.spill_path, rows, updates, times, max_wait)
         except OSError as err:
@@ -208,33 +296,43 @@ class SQLiteSink:
         return conn
 
     def replay(self, max_wait: Optional[float] = None) -> bool:
-        """Write back what the spill holds (idempotent by signal_id); True when nothing waits.
+        """Write back what the spill holds, chunk by chunk (one transaction each, memory bounded
+        by the chunk); True when nothing waits any more.
 
-        ``max_wait`` bounds how long it waits for another writer's lock."""
+        ``max_wait`` bounds the whole replay (lock waits included): what it did not reach stays
+        for the next replay, which resumes where this one stopped."""
+        deadline = None if max_wait is None else time.monotonic() + max_wait
+        rows = updates = inserted = duplicates = 0
         try:
-            with spill.replaying(self.spill_path, max_wait) as taken:
-                if taken is None:
-                    return True
-                self.stats.spill_bad += taken.bad
-                try:
-                    result = write_batch(self._bounded(max_wait), taken.rows, taken.updates)
-                except BaseException as exc:
-                    spill.give_back_locked(taken, self.spill_path)
-                    if not is_environment_error(exc):
-                        raise
-                    self.close()
-                    log.debug("spill replay deferred: %s", exc)
-                    return False
-                os.remove(taken.path)  # after the commit: a crash in between only replays no-ops
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                with spill.replaying(self.spill_path, left) as chunk:
+                    if chunk is None:
+                        break
+                    try:
+                        result = write_batch(self._bounded(left), chunk.rows, chunk.updates)
+                    except Exception as exc:
+                        if not is_environment_error(exc):
+                            raise
+                        self.close()
+                        log.debug("spill replay deferred: %s", exc)
+                        return False
+                    spill.consumed(chunk)   # after the commit: a crash in between replays no-ops
+                self.stats.spill_bad += len(chunk.bad)
+                self.stats.replayed += len(chunk.rows)
+                self._account(result, [], "replay")
+                rows, updates = rows + len(chunk.rows), updates + len(chunk.updates)
+                inserted, duplicates = inserted + result.inserted, duplicates + result.duplicates
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
         except OSError as exc:
             log.warning("spill file %s cannot be replayed now: %s", self.spill_path, exc)
             return False
-        self.stats.replayed += len(taken.rows)
-        self._account(result, [], "replay")
-        log.warning("replayed %d spilled signals and %d updates from %s (%d new, %d already stored)",
-                    len(taken.rows), len(taken.updates), self.spill_path, result.inserted,
-                    result.duplicates)
-        return not os.path.exists(self.spill_path)
+        finally:
+            if rows or updates:
+                log.warning("replayed %d spilled signals and %d updates from %s (%d new, %d already "
+                            "stored)", rows, updates, self.spill_path, inserted, duplicates)
+        return not self.spill_pending()
 
     def salvage(self, entries: Sequence[Entry], max_wait: Optional[float] = None) -> Outcome:
         """Last resort for entries that must leave memory now: spill, else stderr."""

@@ -77,7 +77,8 @@ class Stats:
         self.duplicates = 0
         self.rejected = 0
         self.fallback_writes = 0
-        self.unknown_updates = 0
+        self.unknown_updates = 0     # updates whose signal was not stored yet (kept waiting)
+        self.waiting_updates_overdue = 0   # waiting past waiting_update_max_age (reported once each)
         self.write_retries = 0
         self.transactions = 0
         self.writer_restarts = 0
@@ -106,6 +107,7 @@ class Stats:
             "rejected": self.rejected,
             "fallback_writes": self.fallback_writes,
             "unknown_updates": self.unknown_updates,
+            "waiting_updates_overdue": self.waiting_updates_overdue,
             "write_retries": self.write_retries,
             "transactions": self.transactions,
             "writer_restarts": self.writer_restarts,

@@ -24,7 +24,7 @@ from .signal import FINISHED_FIELDS, UPDATABLE, DefaultTimestamp
 __all__ = ["connect", "connect_readonly", "readonly_uri", "SYNC_STATUSES", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
            "SIGNAL_COLUMNS", "utc_now", "status_counts", "claim_due", "reclaim", "settle", "settle_many",
            "release", "settle_refused", "file_token",
-           "reset_status"]
+           "reset_status", "waiting_summary", "overdue_waiting"]
 
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}
 # Values of signals.sync_status.
@@ -137,7 +137,7 @@ def ensure_schema(conn: sqlite3.Connection, wait: float = 5.0) -> None:
 
 def _create_schema(conn: sqlite3.Connection) -> None:
     db = sqlite_utils.Database(conn)
-    if db["signals"].exists() and db["rejected_signals"].exists():
+    if db["signals"].exists() and db["rejected_signals"].exists() and db["waiting_updates"].exists():
         return
     signals = db.table("signals")
     signals.create(
@@ -152,6 +152,12 @@ def _create_schema(conn: sqlite3.Connection) -> None:
     db.table("rejected_signals").create(
         {"id": int, "signal_id": str, "payload": str, "reason": str, "rejected_at": str},
         pk="id", if_not_exists=True)
+    # update_signal() calls whose signal was not stored yet: applied, in seq order, in the
+    # transaction that inserts it (whichever process's tracker commits that insert)
+    conn.execute("CREATE TABLE IF NOT EXISTS waiting_updates (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                 "signal_id TEXT NOT NULL, fields TEXT NOT NULL /* JSON */, "
+                 "queued_at REAL NOT NULL /* unix seconds */)")
+    conn.execute("CREATE INDEX IF NOT EXISTS idx_waiting_updates_signal_id ON waiting_updates (signal_id)")
 
 
 def is_environment_error(exc: BaseException) -> bool:
@@ -166,8 +172,14 @@ class BatchResult:
     inserted: int = 0
     duplicates: int = 0
     rejected_rows: List[Tuple[Optional[str], str, str]] = field(default_factory=list)  # id, reason, payload
-    unknown_updates: List[str] = field(default_factory=list)
+    unknown_updates: List[str] = field(default_factory=list)   # not stored yet: kept waiting
     refused_updates: List[str] = field(default_factory=list)  # named columns that cannot change
+    applied_waiting: int = 0     # waiting updates applied to rows inserted now
+    unstored_rejections: int = 0  # refused rows that not even a shortened record could keep
+
+
+_UPDATE_SQL: Dict[Tuple[str, ...], str] = {}
+_REJECT_SQL = "INSERT INTO rejected_signals (signal_id, payload, reason, rejected_at) VALUES (?, ?, ?, ?)"
 
 
 def write_batch(conn: sqlite3.Connection, rows: Sequence[tuple],
@@ -176,27 +188,93 @@ def write_batch(conn: sqlite3.Connection, rows: Sequence[tuple],
 
     A signal_id already stored with the same content is a no-op; with other content the row
     goes to ``rejected_signals``.  A row the database refuses is isolated by bisection and
-    rejected on its own, so it cannot sink its batch.  Errors of the database itself
+    rejected on its own, so it cannot sink its batch; so is an update the database refuses.
+    An update whose signal is not stored yet waits in ``waiting_updates`` and is applied, in
+    call order, by the transaction that inserts that signal.  Errors of the database itself
     (locked, I/O, full) roll back and propagate: the caller keeps the batch and retries.
     """
     result = BatchResult()
     created = utc_now()
     with _immediate(conn):
         _insert(conn, [r + (created,) for r in rows], result)
+        if rows and conn.execute("SELECT 1 FROM waiting_updates LIMIT 1").fetchone() is not None:
+            _apply_waiting(conn, [r[0] for r in rows], result)
+        now = time.time()
         for sid, values in updates:
             if not values or not UPDATABLE.issuperset(values):
                 # updates can come back from a spill file: never trust column names
                 result.refused_updates.append(sid)
                 continue
-            cols = ", ".join(f"{k} = ?" for k in values)
-            cur = conn.execute(f"UPDATE signals SET {cols} WHERE signal_id = ?", (*values.values(), sid))
-            if cur.rowcount == 0:
-                result.unknown_updates.append(sid)
+            try:
+                if _update(conn, sid, values) == 0:
+                    conn.execute("INSERT INTO waiting_updates (signal_id, fields, queued_at) VALUES (?, ?, ?)",
+                                 (sid, json.dumps(values), now))
+                    result.unknown_updates.append(sid)
+            except sqlite3.Error as exc:
+                if is_environment_error(exc) or not conn.in_transaction:
+                    raise
+                result.rejected_rows.append((sid, _refused("update refused by the database", exc),
+                                             json.dumps({"update_of": sid, "fields": values}, default=str)))
         if result.rejected_rows:
-            conn.executemany(
-                "INSERT INTO rejected_signals (signal_id, payload, reason, rejected_at) VALUES (?, ?, ?, ?)",
-                [(sid, payload, reason, created) for sid, reason, payload in result.rejected_rows])
+            _store_rejected(conn, result, created)
     return result
+
+
+def _update(conn: sqlite3.Connection, sid: str, values: Dict[str, Any]) -> int:
+    key = tuple(values)
+    sql = _UPDATE_SQL.get(key)
+    if sql is None:
+        sql = _UPDATE_SQL[key] = f"UPDATE signals SET {', '.join(f'{k} = ?' for k in key)} WHERE signal_id = ?"
+    return conn.execute(sql, (*values.values(), sid)).rowcount
+
+
+def _apply_waiting(conn: sqlite3.Connection, ids: List[str], result: BatchResult) -> None:
+    """Apply, oldest first, the waiting updates of the signals in ``ids`` that are stored now."""
+    done: List[int] = []
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        recs = conn.execute(f"SELECT seq, signal_id, fields FROM waiting_updates WHERE signal_id IN "
+                            f"({', '.join('?' * len(chunk))}) ORDER BY seq", chunk).fetchall()
+        for seq, sid, fields in recs:
+            try:
+                values = json.loads(fields)
+                if not isinstance(values, dict) or not values or not UPDATABLE.issuperset(values):
+                    raise ValueError("names columns that cannot be updated")
+                if _update(conn, sid, values) == 0:
+                    continue        # its insert was rejected: it keeps waiting, and is reported
+            except (ValueError, TypeError, sqlite3.Error) as exc:
+                if isinstance(exc, sqlite3.Error) and (is_environment_error(exc) or not conn.in_transaction):
+                    raise
+                result.rejected_rows.append((sid, _refused("waiting update refused", exc), str(fields)))
+            done.append(seq)
+            result.applied_waiting += 1
+    for i in range(0, len(done), 500):
+        seqs = done[i:i + 500]
+        conn.execute(f"DELETE FROM waiting_updates WHERE seq IN ({', '.join('?' * len(seqs))})", seqs)
+
+
+def _refused(what: str, exc: BaseException) -> str:
+    return f"{what}: {type(exc).__name__}: {str(exc)[:300]}"
+
+
+def _store_rejected(conn: sqlite3.Connection, result: BatchResult, created: str) -> None:
+    """Record refused rows; a payload the database refuses too (too big) is shortened to fit."""
+    getlimit = getattr(conn, "getlimit", None)
+    limit = getlimit(sqlite3.SQLITE_LIMIT_LENGTH) if getlimit is not None else 1_000_000_000
+    keep = max(0, min(4096, (limit - 600) // 4))   # characters: up to 4 bytes each in UTF-8
+    for sid, reason, payload in result.rejected_rows:
+        tries = [(sid, payload, reason),
+                 (sid, payload[:keep], f"{reason} (payload shortened from {len(payload)} characters)"),
+                 (None if sid is None else sid[:128], None, reason[:200] + " (payload not kept)")]
+        for attempt in tries:
+            try:
+                conn.execute(_REJECT_SQL, (*attempt, created))
+                break
+            except sqlite3.Error as exc:
+                if is_environment_error(exc) or not conn.in_transaction:
+                    raise
+        else:
+            result.unstored_rejections += 1
 
 
 def _insert(conn: sqlite3.Connection, rows: List[tuple], result: BatchResult) -> None:
@@ -264,6 +342,23 @@ def _reject(result: BatchResult, row: tuple, reason: str) -> None:
 
 
 # -- read side and outbox -----------------------------------------------------------------
+def waiting_summary(conn: sqlite3.Connection) -> Tuple[int, Optional[float]]:
+    """How many updates wait for their insert, and when the oldest was queued (unix seconds)."""
+    try:
+        n, oldest = conn.execute("SELECT count(*), min(queued_at) FROM waiting_updates").fetchone()
+    except sqlite3.OperationalError:   # a database made before the table existed
+        return 0, None
+    return n, oldest
+
+
+def overdue_waiting(conn: sqlite3.Connection, queued_before: float, after_seq: int,
+                    limit: int = 100) -> List[Tuple[int, str, float]]:
+    """Waiting updates (seq, signal_id, queued_at) queued before ``queued_before``, past ``after_seq``."""
+    return [tuple(r) for r in conn.execute(  # type: ignore[misc]
+        "SELECT seq, signal_id, queued_at FROM waiting_updates WHERE seq > ? AND queued_at < ? "
+        "ORDER BY seq LIMIT ?", (after_seq, queued_before, limit))]
+
+
 def status_counts(conn: sqlite3.Connection) -> Dict[str, int]:
     return {s: n for s, n in conn.execute(
         "SELECT sync_status, count(*) FROM signals GROUP BY sync_status")}

@@ -22,7 +22,7 @@ from .sync import Syncer, SyncConfig
 
 log = logging.getLogger("argo_signals")
 
-__all__ = ["SignalTracker", "default_db_path", "sync_state"]
+__all__ = ["SignalTracker", "default_db_path", "sync_state", "waiting_state"]
 
 
 class SignalTracker:
@@ -92,7 +92,9 @@ class SignalTracker:
         """Queue an update (order_id, outcome, exit_price, profit_loss_pct, executor_id).
 
         It travels the same queue, so it lands after the insert it refers to (also when that
-        insert had to be spilled: the update then waits behind it in the spill file).
+        insert had to be spilled: the update then waits behind it in the spill file).  An
+        update of a signal not in the database yet (logged by another process, say) waits in
+        the database and is applied when that signal's insert is committed.
         """
         if self._pid != os.getpid():
             self._after_fork()
@@ -138,6 +140,7 @@ class SignalTracker:
         out.update(self._stats.snapshot())
         out["spill_pending"] = spill.pending_count(self.config.spill_path)
         out.update(sync_state(self.db_path))
+        out.update(waiting_state(self.db_path))
         if self._syncer is not None:
             out.update(self._syncer.stats())
         else:
@@ -242,4 +245,25 @@ def sync_state(db_path: str) -> Dict[str, Any]:
             out["sync_lag_s"] = round(time.time() - datetime.fromisoformat(oldest[0]).timestamp(), 3)
         except ValueError:
             pass
+    return out
+
+
+def waiting_state(db_path: str) -> Dict[str, Any]:
+    """Updates waiting in the database for their insert: how many, and the oldest's age (s)."""
+    out: Dict[str, Any] = {"waiting_updates": 0, "waiting_update_oldest_s": None}
+    if not os.path.exists(db_path):
+        return out
+    try:
+        conn = store.connect_readonly(db_path, timeout=1.0)
+    except sqlite3.Error:
+        return out
+    try:
+        n, oldest = store.waiting_summary(conn)
+    except sqlite3.Error:
+        return out
+    finally:
+        conn.close()
+    out["waiting_updates"] = n
+    if oldest is not None:
+        out["waiting_update_oldest_s"] = round(max(0.0, time.time() - oldest), 3)
     return out

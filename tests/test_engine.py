@@ -51,6 +51,9 @@ class FakeSink:
     def after_fork(self):
         pass
 
+    def tick(self):
+        pass
+
 
 def engine(**options):
     cfg = Config(db_path="unused.db", **{"batch_size": 1_000_000, "batch_timeout": 3600,
