@@ -164,10 +164,8 @@ def test_metrics_command_reports_the_database_as_sql_sees_it(db):
     assert v("argo_signals_last_commit_timestamp_seconds") == datetime.fromisoformat(last).timestamp()
     age = time.time() - datetime.fromisoformat(oldest).timestamp()
     assert age - 5 < v("argo_signals_oldest_pending_age_seconds") <= age
-    # the table of updates waiting for their insert, once the database has it
+    # updates waiting for their insert (the schema's own table)
     conn = sqlite3.connect(str(db))
-    conn.execute("CREATE TABLE waiting_updates (seq INTEGER PRIMARY KEY AUTOINCREMENT, signal_id TEXT NOT NULL, "
-                 "fields TEXT NOT NULL, queued_at REAL NOT NULL)")
     conn.executemany("INSERT INTO waiting_updates (signal_id, fields, queued_at) VALUES (?, '{}', 0)",
                      [("x",), ("y",), ("z",)])
     conn.commit()
