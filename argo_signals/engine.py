@@ -71,6 +71,7 @@ class Engine:
         self.on_tick = on_tick
         self._wake_at = config.batch_size - 1   # queue length before an append that fills a batch
         self._restarts = 0
+        self._held_for_fork = False
         self._reset(State.OPEN)
 
     def _reset(self, state: State, why: Optional[str] = None) -> None:
@@ -425,6 +426,18 @@ class Engine:
                 self._degrade(why, never=True)
 
     # -- fork --------------------------------------------------------------------------------------
+    def before_fork(self, deadline: float) -> None:
+        """Take the write lock by ``deadline``: whoever runs the sink (the thread, or a caller
+        writing synchronously) has then left SQLite and committed, so the child inherits no
+        transaction in progress.  A write that cannot finish in time (a long busy wait) is not
+        waited for: the child never uses the connection it inherits."""
+        self._held_for_fork = self._write_lock.acquire(deadline)
+
+    def after_fork_in_parent(self) -> None:
+        if self._held_for_fork:
+            self._held_for_fork = False
+            self._write_lock.release()
+
     def after_fork_in_child(self) -> None:
         """The child starts empty and writes synchronously: a pool may end it with SIGTERM or
         os._exit() at any moment, and each log_signal() has committed before it returned."""

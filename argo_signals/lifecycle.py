@@ -6,7 +6,13 @@ Trackers and syncs register callbacks here (``watch``).  The engine and the sync
 - Before the interpreter joins non-daemon threads (``threading`` exit hook): ``EXITING`` is
   set and each sync stops within its budget, so executor threads never hang exit.
 - At exit (``atexit``): each tracker still open closes, bounded by its ``atexit_timeout``.
-- In a forked child: each tracker starts empty (``os.register_at_fork``).
+- Around a fork (``os.register_at_fork``): before it, every thread of ours is brought out of
+  SQLite and our locks are taken, waiting at most ``FORK_WAIT`` seconds in all (``guard_fork``
+  and the trackers' ``before_fork`` hooks); after it, the parent releases them and the child
+  re-creates them, and each tracker starts empty.  A child never starts with a lock, nor a
+  SQLite transaction, that a thread of the parent held at the fork, unless that thread could
+  not leave within the bound; even then the child never uses nor closes an inherited
+  connection.  ``forked_child()`` tells whether this process was made by such a fork.
 - On SIGTERM/SIGINT (when asked): the handler never writes.  It turns the signal into an
   exception in the main thread (``KeyboardInterrupt`` through Python's own SIGINT handler,
   ``SystemExit`` for SIGTERM), so the stack unwinds and every lock is released; the bounded
@@ -22,16 +28,23 @@ import logging
 import os
 import signal as _signal
 import threading
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 log = logging.getLogger("argo_signals")
 
-__all__ = ["EXITING", "watch", "unwatch", "install_signal_handlers", "closing"]
+__all__ = ["EXITING", "FORK_WAIT", "watch", "unwatch", "guard_fork", "forked_child",
+           "install_signal_handlers", "closing"]
 
 EXITING = threading.Event()
+FORK_WAIT = 1.0   # seconds a fork waits, at most, for our threads to leave SQLite and our locks
 
 Hook = Optional[Callable[[], Any]]
-_watched: Dict[int, Tuple[Callable[[], Any], ...]] = {}
+BeforeFork = Callable[[float], Any]   # called with the monotonic deadline of the whole wait
+_watched: Dict[int, Tuple[Callable[..., Any], ...]] = {}
+_guards: List[Tuple[BeforeFork, Callable[[], Any], Callable[[], Any]]] = []
+_forked = False                       # this process is a child made by os.fork()
+_in_parent: List[Callable[[], Any]] = []   # what a fork in progress must release in the parent
 _watch_lock = threading.Lock()
 _installed = False
 
@@ -41,13 +54,17 @@ _deferred: Optional[Tuple[int, Any]] = None
 _exit_signal: Optional[int] = None    # re-raise with the default action once closed
 
 
-def watch(at_exit: Hook, before_join: Hook, in_child: Hook) -> int:
+def watch(at_exit: Hook, before_join: Hook, in_child: Hook,
+          before_fork: Optional[BeforeFork] = None, after_fork_in_parent: Hook = None) -> int:
     """Register a tracker's hooks; returns a handle for ``unwatch``.
 
+    ``before_fork(deadline)`` takes what a fork must not split (waiting until ``deadline`` at
+    most); ``after_fork_in_parent`` releases it; ``in_child`` re-creates it in the child.
     The hooks are held strongly: pass callables that hold the tracker's working parts, not
     the tracker, so that a tracker dropped without ``close()`` is still closed at exit."""
     global _installed
-    refs = tuple(_none if m is None else m for m in (at_exit, before_join, in_child))
+    refs = tuple(_none if m is None else m
+                 for m in (at_exit, before_join, in_child, before_fork, after_fork_in_parent))
     with _watch_lock:
         handle = id(refs)
         _watched[handle] = refs
@@ -58,12 +75,22 @@ def watch(at_exit: Hook, before_join: Hook, in_child: Hook) -> int:
             if register is not None:
                 with contextlib.suppress(RuntimeError):  # already shutting down
                     register(_before_join)
-            if hasattr(os, "register_at_fork"):
-                os.register_at_fork(after_in_child=_in_child)
     return handle
 
 
-def _none() -> None:
+def guard_fork(before: BeforeFork, after_in_parent: Callable[[], Any],
+               after_in_child: Callable[[], Any]) -> None:
+    """Module-level fork hooks (for a module's own locks), run before every tracker's."""
+    _guards.append((before, after_in_parent, after_in_child))
+
+
+def forked_child() -> bool:
+    """True in a process made by ``os.fork()`` (bare, or a fork-context pool's worker) after
+    this module was imported: such a process usually ends by ``os._exit()``, without atexit."""
+    return _forked
+
+
+def _none(*_: Any) -> None:
     return None
 
 
@@ -106,12 +133,53 @@ def _at_exit() -> None:
         os.kill(os.getpid(), num)
 
 
+# -- fork ---------------------------------------------------------------------------------------
+def _before_fork() -> None:
+    """Bring our threads out of SQLite and take our locks, all within ``FORK_WAIT`` seconds.
+    What could not be taken by then is not waited for: the child re-creates it anyway."""
+    deadline = time.monotonic() + FORK_WAIT
+    held = _watch_lock.acquire(timeout=FORK_WAIT)
+    try:
+        hooks = [(refs[3], refs[4]) for refs in _watched.values()]
+    finally:
+        if held:
+            _watch_lock.release()
+    for before, after in [(g[0], g[1]) for g in _guards] + hooks:
+        try:
+            before(deadline)
+        except Exception:
+            log.exception("preparing for a fork failed")
+            continue
+        _in_parent.append(after)
+
+
+def _after_fork_in_parent() -> None:
+    pending, _in_parent[:] = list(_in_parent), []
+    for after in reversed(pending):
+        try:
+            after()
+        except Exception:
+            log.exception("resuming after a fork failed")
+
+
 def _in_child() -> None:
-    global _closing_depth, _deferred, _watch_lock
+    global _closing_depth, _deferred, _watch_lock, _forked
+    _forked = True
+    _in_parent.clear()
     _watch_lock = threading.Lock()
     EXITING.clear()   # a child forked while its parent exits has its own life ahead
     _closing_depth, _deferred = 0, None
+    for _, _, after_in_child in _guards:
+        try:
+            after_in_child()
+        except Exception:
+            log.exception("resetting after fork failed")
     _call_all(2, "resetting after fork")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_in_child)
 
 
 # -- signals ----------------------------------------------------------------------------------

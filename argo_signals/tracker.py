@@ -62,12 +62,15 @@ class SignalTracker:
         self._put = self._engine.put
         self._parts = _Parts(config, self._stats, self._engine, self._syncer)
         self._watch: Optional[int] = lifecycle.watch(
-            self._parts.close_at_exit if config.register_atexit else None, None, self._parts.after_fork)
+            self._parts.close_at_exit if config.register_atexit else None, None, self._parts.after_fork,
+            self._engine.before_fork, self._engine.after_fork_in_parent)
         if config.handle_signals:
             self.install_signal_handlers()
-        if multiprocessing.parent_process() is not None:
-            # a pool may end this process with SIGTERM or os._exit(), which run no exit hook
-            self._engine.write_directly("multiprocessing child")
+        if multiprocessing.parent_process() is not None or lifecycle.forked_child():
+            # a pool may end this process with SIGTERM or os._exit(), which run no exit hook,
+            # and a forked child usually ends by os._exit() (e.g. in a finally:)
+            self._engine.write_directly("forked child" if lifecycle.forked_child()
+                                        else "multiprocessing child")
         self._engine.start()
 
     def __repr__(self) -> str:
