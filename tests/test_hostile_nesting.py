@@ -172,7 +172,7 @@ def test_slow_replay_removes_a_newer_taken_spill():
 CLOSE_UNDER_TIMER = '''
     t = SignalTracker(db, sync_enabled=False, batch_size=1000, batch_timeout=30, flush_interval=30,
                       max_queue_size=100_000, max_batch=500, register_atexit=False)
-    ids = [t.log_signal(sig(i)) for i in range(10_000)]   # close() writes most of them itself
+    ids = [t.log_signal(sig(i)) for i in range(6_000)]   # close() writes most of them itself
     handled = []
     def handler(num, frame):
         handled.append(t.log_signal(sig(100_000 + len(handled))))
@@ -194,7 +194,7 @@ def test_signal_handler_logging_while_close_writes_the_queue_is_kept():
     """close() wrote up to the count it took at its start: a signal logged by a handler that
     interrupted close()'s own write (its id returned) was left queued, and close() then
     returned True and marked the tracker closed, so it vanished at exit."""
-    out = _run("FIRST, EVERY = 0.1, 0\n" + textwrap.dedent(CLOSE_UNDER_TIMER))
+    out = _run("FIRST, EVERY = 0.05, 0\n" + textwrap.dedent(CLOSE_UNDER_TIMER))
     returned, lost, ok, took = out.split()
     assert returned == "1" and lost == "0" and ok == "True", out
 
