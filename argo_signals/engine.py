@@ -528,7 +528,7 @@ class Engine:
         writing synchronously) has then left SQLite and committed, so the child inherits no
         transaction in progress.  A write that cannot finish in time (a long busy wait) is not
         waited for: the child never uses the connection it inherits."""
-        self._held_for_fork = self._write_lock.acquire(deadline)
+        self._held_for_fork = self._write_lock.reserve(deadline)
 
     def after_fork_in_parent(self) -> None:
         if self._held_for_fork:
@@ -539,6 +539,7 @@ class Engine:
         """The child starts empty and writes synchronously: a pool may end it with SIGTERM or
         os._exit() at any moment, and each log_signal() has committed before it returned."""
         state = self._state
+        self._held_for_fork = False   # the child's lock is a new one (_reset)
         self.sink.after_fork()
         if state in (State.CLOSING, State.CLOSED):
             self._reset(State.CLOSED)
