@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 log = logging.getLogger("argo_signals")
 
-__all__ = ["EXITING", "FORK_WAIT", "watch", "unwatch", "guard_fork", "forked_child",
+__all__ = ["EXITING", "FORK_WAIT", "watch", "unwatch", "guard_fork", "forked_child", "sqlite_work",
            "install_signal_handlers", "closing"]
 
 EXITING = threading.Event()
@@ -82,6 +82,55 @@ def guard_fork(before: BeforeFork, after_in_parent: Callable[[], Any],
                after_in_child: Callable[[], Any]) -> None:
     """Module-level fork hooks (for a module's own locks), run before every tracker's."""
     _guards.append((before, after_in_parent, after_in_child))
+
+
+# Threads of ours doing SQLite work outside an engine's write lock (the sync's claims and
+# outcomes, a tracker being created) are counted here; a fork closes the gate and waits for the
+# count to fall to zero (bounded), so that no child inherits a SQLite mutex or transaction.
+_gate_lock = threading.Lock()
+_gate_users = 0
+_gate_closed_until = 0.0
+_gate_depth = threading.local()
+
+
+@contextlib.contextmanager
+def sqlite_work() -> Iterator[None]:
+    """Around a piece of SQLite work of ours that no engine write lock covers: a fork waits
+    for it to end (``FORK_WAIT`` at most), and it does not start while a fork is prepared."""
+    global _gate_users
+    depth = getattr(_gate_depth, "n", 0)
+    if depth == 0:
+        while True:
+            with _gate_lock:
+                if time.monotonic() >= _gate_closed_until:
+                    _gate_users += 1
+                    break
+            time.sleep(0.0005)
+    _gate_depth.n = depth + 1
+    try:
+        yield
+    finally:
+        _gate_depth.n = depth
+        if depth == 0:
+            with _gate_lock:
+                _gate_users -= 1
+
+
+def _close_gate(deadline: float) -> None:
+    global _gate_closed_until
+    with _gate_lock:
+        _gate_closed_until = deadline
+    while time.monotonic() < deadline:
+        with _gate_lock:
+            if _gate_users <= 0:
+                return
+        time.sleep(0.0005)
+
+
+def _open_gate() -> None:
+    global _gate_closed_until
+    with _gate_lock:
+        _gate_closed_until = 0.0
 
 
 def forked_child() -> bool:
@@ -144,7 +193,11 @@ def _before_fork() -> None:
     finally:
         if held:
             _watch_lock.release()
-    for before, after in [(g[0], g[1]) for g in _guards] + hooks:
+    # The module guards first (a thread creating the module-level tracker holds its lock and
+    # enters the gate), then the engines' write locks (the sync's transactions may wait for a
+    # writer's), then the gate.
+    gate = [(_close_gate, _open_gate)]
+    for before, after in [(g[0], g[1]) for g in _guards] + hooks + gate:
         try:
             before(deadline)
         except Exception:
@@ -164,8 +217,11 @@ def _after_fork_in_parent() -> None:
 
 def _in_child() -> None:
     global _closing_depth, _deferred, _watch_lock, _forked
+    global _gate_lock, _gate_users, _gate_closed_until, _gate_depth
     _forked = True
     _in_parent.clear()
+    _gate_lock, _gate_users, _gate_closed_until = threading.Lock(), 0, 0.0
+    _gate_depth = threading.local()
     _watch_lock = threading.Lock()
     EXITING.clear()   # a child forked while its parent exits has its own life ahead
     _closing_depth, _deferred = 0, None

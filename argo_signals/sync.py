@@ -194,6 +194,10 @@ class Syncer:
                 and time.monotonic() >= self._paused_until)
 
     def _pump(self) -> None:
+        with lifecycle.sqlite_work():   # a fork waits until the claim has committed
+            self._pump_once()
+
+    def _pump_once(self) -> None:
         try:
             if not self._follow_file():
                 return  # the writer recreates it; the next nudge finds it
@@ -275,7 +279,8 @@ class Syncer:
             self._idle.notify_all()
         self._report(fut)
         if idle:
-            self.outcomes.flush()  # nothing else will come to push the batch out
+            with lifecycle.sqlite_work():
+                self.outcomes.flush()  # nothing else will come to push the batch out
         if low:
             self.nudge()
 
@@ -303,7 +308,8 @@ class Syncer:
         if answer.kind is Kind.UNREACHABLE and self._stopping.is_set():
             self.outcomes.interrupted(row)  # (an answer that did come is recorded, even now)
             return
-        self.outcomes.record(generation, row, answer, self.breaker.is_open, self.forced_after is not None)
+        with lifecycle.sqlite_work():
+            self.outcomes.record(generation, row, answer, self.breaker.is_open, self.forced_after is not None)
         if answer.kind in (Kind.AUTH, Kind.REDIRECT, Kind.ENDPOINT):
             self._paused_until = time.monotonic() + self.config.auth_pause
         elif answer.kind is Kind.UNREACHABLE and self.breaker.is_open:

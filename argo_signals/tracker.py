@@ -48,7 +48,8 @@ class SignalTracker:
         self._pid = os.getpid()
 
         self._sink = SQLiteSink(config, self._stats)
-        self._sink.open()   # fail fast; the schema exists before any thread uses it
+        with lifecycle.sqlite_work():   # a fork waits until the schema is there
+            self._sink.open()   # fail fast; the schema exists before any thread uses it
         self._syncer: Optional[Syncer] = None
         if config.alpine_url:
             self._syncer = Syncer(self.db_path, SyncConfig(
