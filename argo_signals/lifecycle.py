@@ -12,7 +12,9 @@ Trackers and syncs register callbacks here (``watch``).  The engine and the sync
   re-creates them, and each tracker starts empty.  A child never starts with a lock, nor a
   SQLite transaction, that a thread of the parent held at the fork, unless that thread could
   not leave within the bound; even then the child never uses nor closes an inherited
-  connection.  ``forked_child()`` tells whether this process was made by such a fork.
+  connection.  Our SQLite work outside the engines' write locks (the sync's claims and
+  outcomes, a tracker's creation) runs inside ``sqlite_work()``, which a fork waits for too.
+  ``forked_child()`` tells whether this process was made by such a fork.
 - On SIGTERM/SIGINT (when asked): the handler never writes.  It turns the signal into an
   exception in the main thread (``KeyboardInterrupt`` through Python's own SIGINT handler,
   ``SystemExit`` for SIGTERM), so the stack unwinds and every lock is released; the bounded
@@ -29,7 +31,7 @@ import os
 import signal as _signal
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 log = logging.getLogger("argo_signals")
 
@@ -85,45 +87,40 @@ def guard_fork(before: BeforeFork, after_in_parent: Callable[[], Any],
 
 
 # Threads of ours doing SQLite work outside an engine's write lock (the sync's claims and
-# outcomes, a tracker being created) are counted here; a fork closes the gate and waits for the
-# count to fall to zero (bounded), so that no child inherits a SQLite mutex or transaction.
+# outcomes, a tracker being created) are in ``_gate_inside``; a fork closes the gate and waits
+# until none is (bounded), so that no child inherits a SQLite mutex or transaction.  A set of
+# thread idents, not a counter: discarding is idempotent, so a Ctrl-C at any point of entering
+# cannot leave a count that makes every later fork wait its full bound.
 _gate_lock = threading.Lock()
-_gate_users = 0
+_gate_inside: Set[int] = set()
 _gate_closed_until = 0.0
-_gate_depth = threading.local()
 
 
 @contextlib.contextmanager
 def sqlite_work() -> Iterator[None]:
     """Around a piece of SQLite work of ours that no engine write lock covers: a fork waits
     for it to end (``FORK_WAIT`` at most), and it does not start while a fork is prepared."""
-    global _gate_users
-    depth = getattr(_gate_depth, "n", 0)
-    if depth == 0:
-        while True:
+    me = threading.get_ident()
+    outer = me not in _gate_inside
+    try:
+        while outer:
             with _gate_lock:
                 if time.monotonic() >= _gate_closed_until:
-                    _gate_users += 1
+                    _gate_inside.add(me)
                     break
             time.sleep(0.0005)
-    _gate_depth.n = depth + 1
-    try:
         yield
     finally:
-        _gate_depth.n = depth
-        if depth == 0:
-            with _gate_lock:
-                _gate_users -= 1
+        if outer:
+            _gate_inside.discard(me)
 
 
 def _close_gate(deadline: float) -> None:
     global _gate_closed_until
     with _gate_lock:
         _gate_closed_until = deadline
-    while time.monotonic() < deadline:
-        with _gate_lock:
-            if _gate_users <= 0:
-                return
+    me = {threading.get_ident()}   # a fork from inside a piece of work does not wait for itself
+    while _gate_inside - me and time.monotonic() < deadline:
         time.sleep(0.0005)
 
 
@@ -217,11 +214,11 @@ def _after_fork_in_parent() -> None:
 
 def _in_child() -> None:
     global _closing_depth, _deferred, _watch_lock, _forked
-    global _gate_lock, _gate_users, _gate_closed_until, _gate_depth
+    global _gate_lock, _gate_closed_until
     _forked = True
     _in_parent.clear()
-    _gate_lock, _gate_users, _gate_closed_until = threading.Lock(), 0, 0.0
-    _gate_depth = threading.local()
+    _gate_lock, _gate_closed_until = threading.Lock(), 0.0
+    _gate_inside.clear()   # the threads that were inside do not exist here
     _watch_lock = threading.Lock()
     EXITING.clear()   # a child forked while its parent exits has its own life ahead
     _closing_depth, _deferred = 0, None
