@@ -7,7 +7,10 @@
 # Only the names in __all__ (and the submodules) live here: helpers are imported under
 # private aliases, and there is no `from __future__ import annotations` (it binds a name).
 import threading as _threading
+import time as _time
 import typing as _t
+
+from . import lifecycle as _lifecycle
 
 from .config import Config
 from .signal import SignalValidationError, alpine_hash, new_signal_id, normalise
@@ -20,6 +23,28 @@ __version__ = "0.1.0"
 
 _default: _t.Optional[SignalTracker] = None
 _default_lock = _threading.Lock()
+_default_held_for_fork = False
+
+
+def _before_fork(deadline: float) -> None:
+    # a thread creating the module-level tracker holds the lock (and may be inside SQLite)
+    global _default_held_for_fork
+    _default_held_for_fork = _default_lock.acquire(timeout=max(0.0, deadline - _time.monotonic()))
+
+
+def _after_fork_in_parent() -> None:
+    global _default_held_for_fork
+    if _default_held_for_fork:
+        _default_held_for_fork = False
+        _default_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _default_lock, _default_held_for_fork
+    _default_lock, _default_held_for_fork = _threading.Lock(), False
+
+
+_lifecycle.guard_fork(_before_fork, _after_fork_in_parent, _after_fork_in_child)
 
 
 def get_tracker() -> SignalTracker:

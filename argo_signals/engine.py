@@ -17,6 +17,10 @@ OPEN: the thread writes.  DEGRADED: the thread cannot run (it keeps dying, the i
 is exiting, or this is a forked child): callers run the sink themselves.  CLOSING and
 CLOSED: the queue is sealed; every caller writes synchronously.  Entries leave the queue
 only once written, so a ``BaseException`` (Ctrl-C, SystemExit) inside a write drops nothing.
+
+A signal handler that logs while its thread is inside a synchronous write, ``flush()`` or
+``close()`` (``_inside``) only appends and returns; the interrupted call writes it before it
+returns (``_leave``).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Set
 
 from .batchqueue import EntryQueue, Sealed
 from .config import Config
@@ -57,6 +61,7 @@ class Sink(Protocol):
 
 
 _OPEN = State.OPEN
+LEAVE_GRACE = 0.5   # seconds past its deadline a call goes on taking what handlers nested in it log
 
 
 class Engine:
@@ -72,6 +77,7 @@ class Engine:
         self.on_tick = on_tick
         self._wake_at = config.batch_size - 1   # queue length before an append that fills a batch
         self._restarts = 0
+        self._held_for_fork = False
         self._reset(State.OPEN)
 
     def _reset(self, state: State, why: Optional[str] = None) -> None:
@@ -94,6 +100,10 @@ class Engine:
         self._armed = False
         self._stop_at = float("inf")           # set by close(): stop retrying, spill by then
         self._causes: set = set()
+        # Threads inside a synchronous write or close(), and for each the queue position up
+        # to which a signal handler nested in it left entries (see _nested).
+        self._inside: Set[int] = set()
+        self._owed: Dict[int, int] = {}
 
     @property
     def state(self) -> State:
@@ -124,6 +134,8 @@ class Engine:
         self._put_slow(entry)
 
     def _put_slow(self, entry: Entry) -> None:
+        if self._nested(entry):
+            return
         state = self._state
         if state is State.DEGRADED and self._restart():
             state = self._state
@@ -155,31 +167,91 @@ class Engine:
     def _write_queued(self, cause: str) -> None:
         self._write_to(self._q.seq, cause)
 
+    def _nested(self, entry: Entry) -> bool:
+        """A signal handler that interrupted this thread inside a synchronous write or close():
+        queue ``entry`` and return at once; the interrupted call writes it before it returns.
+
+        It neither waits (a storm of handlers would pile up, each waiting) nor takes the
+        queue's mutex (the interrupted code may hold it): a deque append is atomic."""
+        me = threading.get_ident()
+        if me not in self._inside and not self._write_lock.nested_here():
+            return False
+        dq = self._dq
+        dq.append(entry)
+        self._owed[me] = max(self._owed.get(me, 0), self._q.taken + len(dq))
+        self.stats.fallback_writes += 1
+        return True
+
     def _write_to(self, target: int, cause: str) -> None:
         self.stats.fallback_writes += 1
         if cause not in self._causes:
             self._causes.add(cause)
             log.warning("synchronous fallback (%s): the calling thread writes to SQLite", cause)
-        if self._write_lock.nested_here():
+        me = threading.get_ident()
+        if me in self._inside or self._write_lock.nested_here():
+            self._owed[me] = max(self._owed.get(me, 0), target)
             return   # a signal handler interrupted this thread's own write: that write takes it
         # With a writer thread, a caller waits two seconds for the lock, then leaves its entry
         # to the thread (an application signal handler may be waiting on this very caller).
         wait = 2.0 if self._state is _OPEN else self.config.write_retry_budget + 5.0
+        deadline = time.monotonic() + wait
         try:
-            ok = self._run_until(target, None, time.monotonic() + wait)
+            self._inside.add(me)
+            ok = self._run_until(target, None, deadline)
             while ok and self._state is not _OPEN and self._done < self._q.seq and not self._q.claimed:
-                ok = self._run_until(self._q.seq, None, time.monotonic() + wait)  # nested additions
+                ok = self._run_until(self._q.seq, None, deadline)  # added meanwhile
             if ok:
                 return
         except Exception:
             log.exception("synchronous write failed; the entries stay queued")
             self.stats.last_error = "synchronous write failed (see log)"
             return
+        finally:
+            self._leave(me, deadline)
         if self._state is _OPEN:
             log.error("synchronous write could not finish in time; %d entries stay queued for the "
                       "writer thread", len(self._dq))
         else:   # no thread will try again: the entries leave memory now (spill, else stderr)
-            self._salvage()
+            try:
+                self._inside.add(me)
+                self._salvage()
+            finally:
+                self._leave(me, deadline)
+
+    def _leave(self, me: int, deadline: float) -> bool:
+        """This thread leaves a synchronous write or close(): first it writes what signal
+        handlers nested in it left (by ``deadline``, else spilled), also those that arrive
+        meanwhile.  False if some of it could not be written to the database."""
+        ok, owed = True, 0
+        grace = deadline + LEAVE_GRACE
+        try:
+            while True:
+                self._inside.discard(me)   # from here a handler on this thread writes for itself
+                owed = self._owed.pop(me, 0)
+                if owed <= self._done or self._state is _OPEN:
+                    return ok
+                now = time.monotonic()
+                if now >= grace:   # stays owed: a later write or close() of this thread takes it
+                    self._owed[me] = max(self._owed.get(me, 0), owed)
+                    log.error("signal handlers kept logging past the deadline; %d entries stay "
+                              "queued", owed - self._done)
+                    return False
+                self._inside.add(me)
+                written = False
+                try:
+                    written = now < deadline and self._run_until(owed, None, deadline)
+                except Exception:
+                    log.exception("writing what a signal handler logged failed")
+                if not written:
+                    ok = False
+                    self._salvage()
+                owed = 0
+        except BaseException:   # Ctrl-C, SystemExit: what is owed stays queued and owed
+            if owed > self._done:
+                self._owed[me] = max(self._owed.get(me, 0), owed)
+            raise
+        finally:
+            self._inside.discard(me)
 
     # -- running the sink (whoever holds the write lock) ---------------------------------------
     def _run_until(self, target: int, reason: Optional[str], deadline: float) -> bool:
@@ -362,14 +434,24 @@ class Engine:
                 if left <= 0:
                     break
                 time.sleep(min(left, 0.002))
+        me = threading.get_ident()
+        if self._write_lock.nested_here():
+            return False   # a signal handler interrupted this thread's own write: it cannot wait
+        outer, ok = me not in self._inside, False
         try:
-            if self._done < target and not self._run_until(target, "manual", deadline):
-                return False
-        except Exception:   # flush() answers with a bool; the entries stay queued
-            log.exception("writing at flush failed; the entries stay queued")
-            self.stats.last_error = "write at flush failed (see log)"
-            return False
-        return self._done >= target and self._settle_spill(deadline)
+            if outer:
+                self._inside.add(me)
+            try:
+                ok = self._done >= target or self._run_until(target, "manual", deadline)
+            except Exception:   # flush() answers with a bool; the entries stay queued
+                log.exception("writing at flush failed; the entries stay queued")
+                self.stats.last_error = "write at flush failed (see log)"
+                ok = False
+            ok = ok and self._done >= target and self._settle_spill(deadline)
+        finally:
+            if outer:
+                ok = self._leave(me, deadline) and ok
+        return ok
 
     def _settle_spill(self, deadline: float) -> bool:
         """True when nothing waits outside the database: no spill left after a replay, and
@@ -386,6 +468,28 @@ class Engine:
         budget = self.config.write_retry_budget + 1.0
         limit = budget if timeout is None else max(0.0, min(timeout, budget))
         deadline = time.monotonic() + limit
+        me = threading.get_ident()
+        if self._write_lock.nested_here():   # a signal handler interrupted this thread's write
+            log.warning("close() called inside a write of the same thread; that write finishes it")
+            return False
+        outer, ok = me not in self._inside, False
+        try:
+            if outer:   # a signal handler logging meanwhile leaves its entry to this close
+                self._inside.add(me)
+            ok = self._close(deadline, limit)
+        finally:
+            if outer:
+                ok = self._leave(me, deadline) and ok
+        with self._lock:
+            if self._state is State.CLOSING and me not in self._owed and not (
+                    self._thread is not None and self._thread.is_alive()):
+                self._state = State.CLOSED
+        if not ok:
+            log.error("close() returned before everything was in the database: %d entries queued, "
+                      "spill pending: %s", len(self._dq), self.sink.spill_pending())
+        return ok
+
+    def _close(self, deadline: float, limit: float) -> bool:
         with self._lock:
             if self._state in (State.OPEN, State.DEGRADED):
                 self._state = State.CLOSING
@@ -406,18 +510,12 @@ class Engine:
         if not ok:
             self._salvage()
         ok = self._settle_spill(deadline) and ok and self._done >= target
-        with self._lock:
-            if self._state is State.CLOSING and not (thread is not None and thread.is_alive()):
-                self._state = State.CLOSED
         if self._write_lock.acquire(deadline):
             try:
                 self._write_lock.busy = True
                 self.sink.close()   # a later synchronous write opens one connection and keeps it
             finally:
                 self._write_lock.release()
-        if not ok:
-            log.error("close() returned before everything was in the database: %d entries queued, "
-                      "spill pending: %s", len(self._dq), self.sink.spill_pending())
         return ok
 
     def _salvage(self) -> None:
@@ -439,10 +537,23 @@ class Engine:
                 self._degrade(why, never=True)
 
     # -- fork --------------------------------------------------------------------------------------
+    def before_fork(self, deadline: float) -> None:
+        """Take the write lock by ``deadline``: whoever runs the sink (the thread, or a caller
+        writing synchronously) has then left SQLite and committed, so the child inherits no
+        transaction in progress.  A write that cannot finish in time (a long busy wait) is not
+        waited for: the child never uses the connection it inherits."""
+        self._held_for_fork = self._write_lock.reserve(deadline)
+
+    def after_fork_in_parent(self) -> None:
+        if self._held_for_fork:
+            self._held_for_fork = False
+            self._write_lock.release()
+
     def after_fork_in_child(self) -> None:
         """The child starts empty and writes synchronously: a pool may end it with SIGTERM or
         os._exit() at any moment, and each log_signal() has committed before it returned."""
         state = self._state
+        self._held_for_fork = False   # the child's lock is a new one (_reset)
         self.sink.after_fork()
         if state in (State.CLOSING, State.CLOSED):
             self._reset(State.CLOSED)

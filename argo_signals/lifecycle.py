@@ -6,7 +6,15 @@ Trackers and syncs register callbacks here (``watch``).  The engine and the sync
 - Before the interpreter joins non-daemon threads (``threading`` exit hook): ``EXITING`` is
   set and each sync stops within its budget, so executor threads never hang exit.
 - At exit (``atexit``): each tracker still open closes, bounded by its ``atexit_timeout``.
-- In a forked child: each tracker starts empty (``os.register_at_fork``).
+- Around a fork (``os.register_at_fork``): before it, every thread of ours is brought out of
+  SQLite and our locks are taken, waiting at most ``FORK_WAIT`` seconds in all (``guard_fork``
+  and the trackers' ``before_fork`` hooks); after it, the parent releases them and the child
+  re-creates them, and each tracker starts empty.  A child never starts with a lock, nor a
+  SQLite transaction, that a thread of the parent held at the fork, unless that thread could
+  not leave within the bound; even then the child never uses nor closes an inherited
+  connection.  Our SQLite work outside the engines' write locks (the sync's claims and
+  outcomes, a tracker's creation) runs inside ``sqlite_work()``, which a fork waits for too.
+  ``forked_child()`` tells whether this process was made by such a fork.
 - On SIGTERM/SIGINT (when asked): the handler never writes.  It turns the signal into an
   exception in the main thread (``KeyboardInterrupt`` through Python's own SIGINT handler,
   ``SystemExit`` for SIGTERM), so the stack unwinds and every lock is released; the bounded
@@ -22,16 +30,23 @@ import logging
 import os
 import signal as _signal
 import threading
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 log = logging.getLogger("argo_signals")
 
-__all__ = ["EXITING", "watch", "unwatch", "install_signal_handlers", "closing"]
+__all__ = ["EXITING", "FORK_WAIT", "watch", "unwatch", "guard_fork", "forked_child", "sqlite_work",
+           "install_signal_handlers", "closing"]
 
 EXITING = threading.Event()
+FORK_WAIT = 1.0   # seconds a fork waits, at most, for our threads to leave SQLite and our locks
 
 Hook = Optional[Callable[[], Any]]
-_watched: Dict[int, Tuple[Callable[[], Any], ...]] = {}
+BeforeFork = Callable[[float], Any]   # called with the monotonic deadline of the whole wait
+_watched: Dict[int, Tuple[Callable[..., Any], ...]] = {}
+_guards: List[Tuple[BeforeFork, Callable[[], Any], Callable[[], Any]]] = []
+_forked = False                       # this process is a child made by os.fork()
+_in_parent: List[Callable[[], Any]] = []   # what a fork in progress must release in the parent
 _watch_lock = threading.Lock()
 _installed = False
 
@@ -41,13 +56,17 @@ _deferred: Optional[Tuple[int, Any]] = None
 _exit_signal: Optional[int] = None    # re-raise with the default action once closed
 
 
-def watch(at_exit: Hook, before_join: Hook, in_child: Hook) -> int:
+def watch(at_exit: Hook, before_join: Hook, in_child: Hook,
+          before_fork: Optional[BeforeFork] = None, after_fork_in_parent: Hook = None) -> int:
     """Register a tracker's hooks; returns a handle for ``unwatch``.
 
+    ``before_fork(deadline)`` takes what a fork must not split (waiting until ``deadline`` at
+    most); ``after_fork_in_parent`` releases it; ``in_child`` re-creates it in the child.
     The hooks are held strongly: pass callables that hold the tracker's working parts, not
     the tracker, so that a tracker dropped without ``close()`` is still closed at exit."""
     global _installed
-    refs = tuple(_none if m is None else m for m in (at_exit, before_join, in_child))
+    refs = tuple(_none if m is None else m
+                 for m in (at_exit, before_join, in_child, before_fork, after_fork_in_parent))
     with _watch_lock:
         handle = id(refs)
         _watched[handle] = refs
@@ -58,12 +77,66 @@ def watch(at_exit: Hook, before_join: Hook, in_child: Hook) -> int:
             if register is not None:
                 with contextlib.suppress(RuntimeError):  # already shutting down
                     register(_before_join)
-            if hasattr(os, "register_at_fork"):
-                os.register_at_fork(after_in_child=_in_child)
     return handle
 
 
-def _none() -> None:
+def guard_fork(before: BeforeFork, after_in_parent: Callable[[], Any],
+               after_in_child: Callable[[], Any]) -> None:
+    """Module-level fork hooks (for a module's own locks), run before every tracker's."""
+    _guards.append((before, after_in_parent, after_in_child))
+
+
+# Threads of ours doing SQLite work outside an engine's write lock (the sync's claims and
+# outcomes, a tracker being created) are in ``_gate_inside``; a fork closes the gate and waits
+# until none is (bounded), so that no child inherits a SQLite mutex or transaction.  A set of
+# thread idents, not a counter: discarding is idempotent, so a Ctrl-C at any point of entering
+# cannot leave a count that makes every later fork wait its full bound.
+_gate_lock = threading.Lock()
+_gate_inside: Set[int] = set()
+_gate_closed_until = 0.0
+
+
+@contextlib.contextmanager
+def sqlite_work() -> Iterator[None]:
+    """Around a piece of SQLite work of ours that no engine write lock covers: a fork waits
+    for it to end (``FORK_WAIT`` at most), and it does not start while a fork is prepared."""
+    me = threading.get_ident()
+    outer = me not in _gate_inside
+    try:
+        while outer:
+            with _gate_lock:
+                if time.monotonic() >= _gate_closed_until:
+                    _gate_inside.add(me)
+                    break
+            time.sleep(0.0005)
+        yield
+    finally:
+        if outer:
+            _gate_inside.discard(me)
+
+
+def _close_gate(deadline: float) -> None:
+    global _gate_closed_until
+    with _gate_lock:
+        _gate_closed_until = deadline
+    me = {threading.get_ident()}   # a fork from inside a piece of work does not wait for itself
+    while _gate_inside - me and time.monotonic() < deadline:
+        time.sleep(0.0005)
+
+
+def _open_gate() -> None:
+    global _gate_closed_until
+    with _gate_lock:
+        _gate_closed_until = 0.0
+
+
+def forked_child() -> bool:
+    """True in a process made by ``os.fork()`` (bare, or a fork-context pool's worker) after
+    this module was imported: such a process usually ends by ``os._exit()``, without atexit."""
+    return _forked
+
+
+def _none(*_: Any) -> None:
     return None
 
 
@@ -106,12 +179,60 @@ def _at_exit() -> None:
         os.kill(os.getpid(), num)
 
 
+# -- fork ---------------------------------------------------------------------------------------
+def _before_fork() -> None:
+    """Bring our threads out of SQLite and take our locks, all within ``FORK_WAIT`` seconds.
+    What could not be taken by then is not waited for: the child re-creates it anyway."""
+    deadline = time.monotonic() + FORK_WAIT
+    held = _watch_lock.acquire(timeout=FORK_WAIT)
+    try:
+        hooks = [(refs[3], refs[4]) for refs in _watched.values()]
+    finally:
+        if held:
+            _watch_lock.release()
+    # The module guards first (a thread creating the module-level tracker holds its lock and
+    # enters the gate), then the engines' write locks (the sync's transactions may wait for a
+    # writer's), then the gate.
+    gate = [(_close_gate, _open_gate)]
+    for before, after in [(g[0], g[1]) for g in _guards] + hooks + gate:
+        try:
+            before(deadline)
+        except Exception:
+            log.exception("preparing for a fork failed")
+            continue
+        _in_parent.append(after)
+
+
+def _after_fork_in_parent() -> None:
+    pending, _in_parent[:] = list(_in_parent), []
+    for after in reversed(pending):
+        try:
+            after()
+        except Exception:
+            log.exception("resuming after a fork failed")
+
+
 def _in_child() -> None:
-    global _closing_depth, _deferred, _watch_lock
+    global _closing_depth, _deferred, _watch_lock, _forked
+    global _gate_lock, _gate_closed_until
+    _forked = True
+    _in_parent.clear()
+    _gate_lock, _gate_closed_until = threading.Lock(), 0.0
+    _gate_inside.clear()   # the threads that were inside do not exist here
     _watch_lock = threading.Lock()
     EXITING.clear()   # a child forked while its parent exits has its own life ahead
     _closing_depth, _deferred = 0, None
+    for _, _, after_in_child in _guards:
+        try:
+            after_in_child()
+        except Exception:
+            log.exception("resetting after fork failed")
     _call_all(2, "resetting after fork")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_in_child)
 
 
 # -- signals ----------------------------------------------------------------------------------

@@ -218,6 +218,10 @@ class Syncer:
             log.warning("took back %d sync claims left by a process that is gone", freed)
 
     def _pump(self) -> None:
+        with lifecycle.sqlite_work():   # a fork waits until the claim has committed
+            self._pump_once()
+
+    def _pump_once(self) -> None:
         try:
             if not self._follow_file():
                 return  # the writer recreates it; the next nudge finds it
@@ -308,7 +312,8 @@ class Syncer:
             self._idle.notify_all()
         self._report(fut)
         if idle:
-            self.outcomes.flush()  # nothing else will come to push the batch out
+            with lifecycle.sqlite_work():
+                self.outcomes.flush()  # nothing else will come to push the batch out
         if low:
             self.nudge()
 
@@ -337,8 +342,9 @@ class Syncer:
             self.outcomes.interrupted(row)  # (an answer that did come is recorded, even now)
             return
         held = self.gate.remaining()
-        self.outcomes.record(row, answer, self.breaker.is_open, self.forced_after is not None,
-                             time.time() + held if held > 0 else None)
+        with lifecycle.sqlite_work():
+            self.outcomes.record(row, answer, self.breaker.is_open, self.forced_after is not None,
+                                 time.time() + held if held > 0 else None)
         if answer.kind in (Kind.AUTH, Kind.REDIRECT, Kind.ENDPOINT):
             self._paused_until = time.monotonic() + self.config.auth_pause
         elif answer.kind is Kind.RATE_LIMITED or (answer.kind is Kind.UNREACHABLE and self.breaker.is_open):

@@ -48,7 +48,8 @@ class SignalTracker:
         self._pid = os.getpid()
 
         self._sink = SQLiteSink(config, self._stats)
-        self._sink.open()   # fail fast; the schema exists before any thread uses it
+        with lifecycle.sqlite_work():   # a fork waits until the schema is there
+            self._sink.open()   # fail fast; the schema exists before any thread uses it
         self._syncer: Optional[Syncer] = None
         if config.alpine_url:
             self._syncer = Syncer(self.db_path, SyncConfig(
@@ -62,12 +63,15 @@ class SignalTracker:
         self._put = self._engine.put
         self._parts = _Parts(config, self._stats, self._engine, self._syncer)
         self._watch: Optional[int] = lifecycle.watch(
-            self._parts.close_at_exit if config.register_atexit else None, None, self._parts.after_fork)
+            self._parts.close_at_exit if config.register_atexit else None, None, self._parts.after_fork,
+            self._engine.before_fork, self._engine.after_fork_in_parent)
         if config.handle_signals:
             self.install_signal_handlers()
-        if multiprocessing.parent_process() is not None:
-            # a pool may end this process with SIGTERM or os._exit(), which run no exit hook
-            self._engine.write_directly("multiprocessing child")
+        if multiprocessing.parent_process() is not None or lifecycle.forked_child():
+            # a pool may end this process with SIGTERM or os._exit(), which run no exit hook,
+            # and a forked child usually ends by os._exit() (e.g. in a finally:)
+            self._engine.write_directly("forked child" if lifecycle.forked_child()
+                                        else "multiprocessing child")
         self._engine.start()
 
     def __repr__(self) -> str:

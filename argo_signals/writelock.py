@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 log = logging.getLogger("argo_signals")
 
@@ -33,7 +33,18 @@ class WriteLock:
         self._lock = threading.Lock()
         self._owner: Optional[int] = None
         self._ownerless_since: Optional[float] = None
+        self._reserved: Optional[Tuple[int, float]] = None   # (thread, until): see reserve()
         self.busy = False
+
+    def reserve(self, deadline: float) -> bool:
+        """``acquire()`` ahead of everyone else: until ``deadline``, other threads wait for this
+        one instead of taking the lock as soon as it is free (a lock is not fair: a writer
+        releasing and taking it again in a loop would keep a fork waiting)."""
+        self._reserved = (threading.get_ident(), deadline)
+        try:
+            return self.acquire(deadline)
+        finally:
+            self._reserved = None
 
     def acquire(self, deadline: float) -> bool:
         """Take the lock by ``deadline`` (monotonic seconds; ``inf`` waits as long as it takes)."""
@@ -43,6 +54,12 @@ class WriteLock:
                 return False   # nested in a write of this thread (a signal handler)
             self.release()
         while True:
+            reserved = self._reserved
+            if reserved is not None and reserved[0] != me and time.monotonic() < reserved[1]:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.0005)   # someone reserved the lock: let it go first
+                continue
             if self._lock.acquire(timeout=min(0.25, seconds_until(deadline))):
                 self._owner, self._ownerless_since = me, None
                 return True
