@@ -35,6 +35,7 @@ _JSON_ESCAPES = {"/": "/", "\\": "\\", '"': '"', "'": "'", "b": "", "f": "", "n"
 BODY_LIMIT = 64 * 1024  # an answer is a few hundred bytes; more is dropped unread
 SHOWN_LIMIT = 300  # characters of an answer's text kept (logged, stored), cut after redaction
 MIN_PARTIAL = 4   # a cut text ending in this much of the key's start loses that end too
+MIN_RATE_PAUSE = 1.0  # the shortest pause a rate limit holds the sync for
 MIN_RUN = 8       # any run of this many consecutive characters of the key is redacted
 _ENTITY_MAX = 32  # longest HTML entity looked at (``&CounterClockwiseContourIntegral;``)
 
@@ -390,7 +391,8 @@ class Delivery:
         """A rate limit (429, or a Retry-After on a 503) holds every request of the sync."""
         if answer.kind is Kind.RATE_LIMITED or (answer.kind is Kind.UNREACHABLE and answer.retry_after is not None):
             wait = self.config.max_backoff if answer.retry_after is None else answer.retry_after
-            self.gate.hold(min(wait, self.config.max_retry_after))
+            # "retry now" (0, or a date already past: the receiver's clock is behind) still waits
+            self.gate.hold(min(max(wait, MIN_RATE_PAUSE), self.config.max_retry_after))
         else:
             self.gate.answered()
 

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from argo_signals import SignalTracker
 from argo_signals.delivery import Redactor
+from argo_signals.drain import drain
+from argo_signals.sync import Syncer, SyncConfig
+from argo_signals.testing import AlpineServer
+from conftest import make_signal
+
+KEY = "test-key-123"
 
 
 @pytest.mark.parametrize("key", ["sk_%41%42%43%44%45_live9", "abcd&amp;efgh&lt;ijkl", "abc\\ndefg\\u0041hijk"])
@@ -41,3 +48,22 @@ def test_a_claim_of_a_killed_owner_nobody_reaped_yet_is_free():
     finally:
         child.kill()
         child.wait(10)
+
+
+@pytest.mark.parametrize("retry_after", ["0", "Thu, 01 Jan 1970 00:00:00 GMT"])
+def test_a_rate_limit_that_says_retry_now_is_not_a_request_storm(tmp_path, retry_after):
+    """A 429 whose Retry-After is 0 or a date already past (the receiver's clock is behind)."""
+    db = tmp_path / "s.db"
+    with SignalTracker(str(db), sync_enabled=False, register_atexit=False) as t:
+        for i in range(10):
+            t.log_signal(make_signal(i))
+    alpine = AlpineServer(KEY).start()
+    alpine.fail(429, times=10_000, headers={"Retry-After": retry_after})
+    syncer = Syncer(str(db), SyncConfig(alpine.url, KEY, workers=4, timeout=(1.0, 1.0)))
+    try:
+        report = drain(syncer, patience=0.5)
+    finally:
+        syncer.stop(1.0)
+        alpine.stop()
+    n = len([r for r in alpine.requests if r["method"] == "POST"])
+    assert n <= 4 + 1, f"{n} POSTs in {report.waited:.1f} s under a rate limit"
