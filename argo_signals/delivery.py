@@ -337,7 +337,7 @@ class Delivery:
         post = s.prepare_request(requests.Request("POST", cfg.alpine_url + SIGNAL_PATH, data=b"{}"))
         health = s.prepare_request(requests.Request("GET", cfg.alpine_url + HEALTH_PATH))
         send_kw = {"stream": True, "timeout": cfg.timeout, "cert": None,
-                   "verify": env.get("verify", True) if cfg.alpine_url.startswith("https://") else True,
+                   "verify": env.get("verify", True) if cfg.alpine_url.lower().startswith("https://") else True,
                    "proxies": dict(env.get("proxies") or {})}
         st = self._local.state = _ThreadState(s, adapter, post, health, send_kw, mine)
         with self._lock:

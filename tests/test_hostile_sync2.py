@@ -3,7 +3,9 @@ of odd shapes."""
 import html
 import json
 import os
+import shutil
 import signal
+import ssl
 import subprocess
 import time
 import urllib.parse
@@ -67,3 +69,29 @@ def test_a_rate_limit_that_says_retry_now_is_not_a_request_storm(tmp_path, retry
         alpine.stop()
     n = len([r for r in alpine.requests if r["method"] == "POST"])
     assert n <= 4 + 1, f"{n} POSTs in {report.waited:.1f} s under a rate limit"
+
+
+def seeded(db, n):
+    with SignalTracker(str(db), sync_enabled=False, register_atexit=False) as t:
+        return [t.log_signal(make_signal(i)) for i in range(n)]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl tool to make a certificate")
+def test_an_upper_case_https_url_keeps_the_configured_ca_bundle(tmp_path, monkeypatch):
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=30)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    alpine = AlpineServer(KEY).start()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    alpine._httpd.socket = ctx.wrap_socket(alpine._httpd.socket, server_side=True)
+    seeded(tmp_path / "s.db", 2)
+    syncer = Syncer(str(tmp_path / "s.db"), SyncConfig(alpine.url.replace("http", "HTTPS"), KEY, timeout=(1.0, 1.0)))
+    try:
+        report = drain(syncer, patience=1.0)
+    finally:
+        syncer.stop(1.0)
+        alpine.stop()
+    assert report.end.value == "done", report
