@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import signal as _signal
+import re
 import sqlite3
 import sys
 import threading
@@ -888,7 +889,7 @@ def _host_port(value: str) -> Tuple[str, int]:
     """``HOST:PORT`` (``[::1]:9100`` for IPv6) -> (host, port)."""
     host, sep, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
         raise click.BadParameter(f"expected HOST:PORT, e.g. 127.0.0.1:9464, got {value!r}", param_hint="--serve")
     return host, int(port)
 

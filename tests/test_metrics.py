@@ -252,3 +252,10 @@ def test_serve_takes_an_ipv6_host(db):
             assert samples(resp.read().decode())[("argo_signals_database_up", frozenset())] == 1
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:\u00b2", "127.0.0.1:", "127.0.0.1:+80", "9100"])
+def test_serve_refuses_an_address_that_is_not_host_and_port(db, address):
+    _seed_database(db)
+    r = CliRunner().invoke(main, ["metrics", "--db", str(db), "--serve", address])
+    assert r.exit_code == 2 and "expected HOST:PORT" in r.output, (r.exit_code, r.output, r.exception)
