@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import ssl
 import subprocess
 import time
@@ -18,7 +19,7 @@ from argo_signals.delivery import Redactor
 from argo_signals.drain import drain
 from argo_signals.sync import Syncer, SyncConfig
 from argo_signals.testing import AlpineServer
-from conftest import make_signal
+from conftest import make_signal, run_script
 
 KEY = "test-key-123"
 
@@ -95,3 +96,30 @@ def test_an_upper_case_https_url_keeps_the_configured_ca_bundle(tmp_path, monkey
         syncer.stop(1.0)
         alpine.stop()
     assert report.end.value == "done", report
+
+
+def test_ctrl_c_during_the_demo_loses_no_logged_signal(tmp_path):
+    db = tmp_path / "demo.db"
+    r = run_script("""
+        import _thread, sys, threading
+        import argo_signals.cli as cli
+        logged = [0]
+        log_signal = cli.SignalTracker.log_signal
+        def counted(self, *a, **k):
+            sid = log_signal(self, *a, **k)
+            logged[0] += 1
+            return sid
+        cli.SignalTracker.log_signal = counted
+        threading.Timer(0.5, _thread.interrupt_main).start()   # Ctrl-C
+        try:
+            cli.main(["demo", "--db", sys.argv[1], "-q", "--count", "5000", "--producers", "2", "--rate", "40"],
+                     standalone_mode=False)
+        except BaseException as exc:
+            print(type(exc).__name__, logged[0])
+    """, db)
+    assert r.returncode == 0 and r.stdout.startswith("Abort"), (r.stdout, r.stderr[-2000:])
+    logged = int(r.stdout.split()[1])
+    conn = sqlite3.connect(str(db))
+    stored = conn.execute("SELECT count(*) FROM signals").fetchone()[0]
+    conn.close()
+    assert logged > 0 and stored >= logged, f"{logged} logged, {stored} stored"
