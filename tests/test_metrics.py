@@ -1,12 +1,15 @@
 """Prometheus metrics: a real registry and prometheus_client's own parser over the tracker's
 collector and the `metrics` command; values checked against stats() and SQL."""
 import json
+import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -259,3 +262,29 @@ def test_serve_refuses_an_address_that_is_not_host_and_port(db, address):
     _seed_database(db)
     r = CliRunner().invoke(main, ["metrics", "--db", str(db), "--serve", address])
     assert r.exit_code == 2 and "expected HOST:PORT" in r.output, (r.exit_code, r.output, r.exception)
+
+
+def test_metrics_read_a_database_whose_directory_this_user_cannot_write(tmp_path):
+    """A monitoring user with read access only, while no process has the database open (no
+    -wal/-shm file): SQLite cannot create the -shm a WAL database needs to be read."""
+    as_other = []
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root without setpriv cannot drop the write access")
+        as_other = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    where = Path(tempfile.mkdtemp(dir="/tmp" if as_other else tmp_path))
+    try:
+        db = where / "signals.db"
+        with SignalTracker(db, sync_enabled=False, register_atexit=False) as t:
+            t.log_signal(make_signal(1))
+        assert not Path(f"{db}-wal").exists()
+        db.chmod(0o644)
+        where.chmod(0o555)
+        r = subprocess.run([*as_other, str(Path(sys.executable).parent / "argo-signals"), "metrics", "--db", str(db)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert samples(r.stdout)[("argo_signals_signals", frozenset({("status", "pending")}))] == 1
+        assert sorted(p.name for p in where.iterdir()) == ["signals.db"]
+    finally:
+        where.chmod(0o755)
+        shutil.rmtree(where)
