@@ -19,7 +19,7 @@ from argo_signals.delivery import Redactor
 from argo_signals.drain import drain
 from argo_signals.sync import Syncer, SyncConfig
 from argo_signals.testing import AlpineServer
-from conftest import make_signal, run_script
+from conftest import make_signal, run_script, wait_for
 
 KEY = "test-key-123"
 
@@ -123,3 +123,21 @@ def test_ctrl_c_during_the_demo_loses_no_logged_signal(tmp_path):
     stored = conn.execute("SELECT count(*) FROM signals").fetchone()[0]
     conn.close()
     assert logged > 0 and stored >= logged, f"{logged} logged, {stored} stored"
+
+
+def test_a_wall_clock_stepped_back_does_not_hold_rows_for_the_step(tmp_path):
+    """A row due again in 5 s, then the clock is set back an hour (a VM resumed, NTP): its
+    due time now lies an hour ahead, past anything the sync ever sets (redelivery_max)."""
+    db = tmp_path / "s.db"
+    seeded(db, 3)
+    conn = sqlite3.connect(str(db))
+    conn.execute("UPDATE signals SET sync_attempts = 1, sync_next_at = ?", (time.time() + 5 + 3600,))
+    conn.commit()
+    conn.close()
+    alpine = AlpineServer(KEY).start()
+    try:
+        with SignalTracker(str(db), alpine_url=alpine.url, api_key=KEY, register_atexit=False,
+                           sync_timeout=(1.0, 1.0), sync_shutdown_timeout=1.0) as t:
+            assert wait_for(lambda: len(alpine.stored_ids()) == 3, 4), t.stats()["sync_pending"]
+    finally:
+        alpine.stop()
