@@ -34,6 +34,7 @@ SYNC_STATUSES = ("pending", "synced", "rejected", "skipped", "failed")
 # Delivery attempts that left the row unsettled, by what the receiver (or the network) said.
 SYNC_FAILURES = ("transient", "unreachable", "auth", "redirect", "endpoint")
 WRITER_STATES = ("open", "degraded", "closing", "closed")
+REQUEST_TIMEOUT = 10.0   # seconds a scrape connection may stay silent before it is dropped
 
 # name -> (type, help, label); the stats() key each one reports is in TrackerCollector.collect
 TRACKER_METRICS: Dict[str, Tuple[str, str, Optional[str]]] = {
@@ -203,6 +204,8 @@ class MetricsServer:
             registry.register(c)
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT   # an idle connection must not hold a thread for ever
+
             def do_GET(self) -> None:
                 if self.path.split("?")[0] != "/metrics":
                     body, status, ctype = b"see /metrics\n", 404, "text/plain; charset=utf-8"

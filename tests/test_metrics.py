@@ -288,3 +288,19 @@ def test_metrics_read_a_database_whose_directory_this_user_cannot_write(tmp_path
     finally:
         where.chmod(0o755)
         shutil.rmtree(where)
+
+
+def test_serve_drops_a_connection_that_never_sends_a_request(db, monkeypatch):
+    import argo_signals.metrics
+    monkeypatch.setattr(argo_signals.metrics, "REQUEST_TIMEOUT", 0.3, raising=False)
+    _seed_database(db)
+    server = MetricsServer("127.0.0.1", 0, DatabaseCollector(str(db))).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.address[1]), timeout=5) as idle:
+            t0 = time.monotonic()
+            assert idle.recv(100) == b""   # closed by the server, not by our 5 s timeout
+            assert time.monotonic() - t0 < 4
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.address[1]}/metrics", timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        server.stop()
