@@ -304,3 +304,19 @@ def test_serve_drops_a_connection_that_never_sends_a_request(db, monkeypatch):
             assert resp.status == 200
     finally:
         server.stop()
+
+
+def test_a_tracker_whose_database_cannot_be_read_reports_no_rows_rather_than_zero(db):
+    """The database file removed under a live tracker: its rows are unknown, not 0 pending."""
+    with SignalTracker(db, sync_enabled=False, register_atexit=False) as t:
+        t.log_signal(make_signal(1))
+        assert t.flush(10)
+        registry = CollectorRegistry()
+        registry.register(TrackerCollector(t))
+        assert samples(generate_latest(registry).decode())[("argo_signals_database_up", frozenset())] == 1
+        Path(db).unlink()
+        got = samples(generate_latest(registry).decode())
+    assert got[("argo_signals_database_up", frozenset())] == 0
+    assert ("argo_signals_sync_pending", frozenset()) not in got
+    assert not [k for k in got if k[0] == "argo_signals_signals"]
+    assert got[("argo_signals_logged_total", frozenset())] == 1   # the tracker's own counters stay
