@@ -9,7 +9,8 @@ block the writer, nor it them).  Every query is answered from an index or a smal
   ``synced`` is the rest (on a healthy database it is nearly every row: counting its range
   would read the whole index, about ten times slower);
 * the oldest pending row: the first entry of ``sync_status = 'pending'`` in that index;
-* the last commit: ``max(created_at)`` from the ``created_at`` index (one seek);
+* the last commit: ``max(created_at)`` among texts that look like dates, from the
+  ``created_at`` index (one seek);
 * a reader that may not write the directory (a monitoring account) reads a database nobody has
   open (no ``-wal`` file) as an immutable file: SQLite cannot create the ``-shm`` otherwise;
 * refused rows and waiting updates: ``count(*)`` of the small ``rejected_signals`` and
@@ -34,7 +35,8 @@ QUERIES = {
     "total": "SELECT count(*) FROM signals",
     "with_status": "SELECT count(*) FROM signals WHERE sync_status = ?",
     "oldest_pending": "SELECT created_at FROM signals WHERE sync_status = 'pending' ORDER BY id LIMIT 1",
-    "last_commit": "SELECT max(created_at) FROM signals",
+    # (a date: text another program wrote, e.g. 'n/a', sorts after every date and would hide it)
+    "last_commit": "SELECT max(created_at) FROM signals WHERE created_at BETWEEN '0000' AND '9999-12-31U'",
     "refused": "SELECT count(*) FROM rejected_signals",
     "has_waiting": "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'waiting_updates'",
     "waiting": "SELECT count(*) FROM waiting_updates",

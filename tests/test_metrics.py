@@ -320,3 +320,17 @@ def test_a_tracker_whose_database_cannot_be_read_reports_no_rows_rather_than_zer
     assert ("argo_signals_sync_pending", frozenset()) not in got
     assert not [k for k in got if k[0] == "argo_signals_signals"]
     assert got[("argo_signals_logged_total", frozenset())] == 1   # the tracker's own counters stay
+
+
+def test_a_row_whose_created_at_is_junk_does_not_hide_the_last_commit(db):
+    """Another program inserted a row with created_at 'n/a' (text sorts after every date)."""
+    with SignalTracker(db, sync_enabled=False, register_atexit=False) as t:
+        t.log_signal(make_signal(1))
+    conn = sqlite3.connect(str(db))
+    conn.execute("INSERT INTO signals (signal_id, symbol, action, entry_price, confidence, timestamp, sha256, "
+                 "created_at) SELECT 'other', symbol, action, entry_price, confidence, timestamp, 'x', 'n/a' "
+                 "FROM signals")
+    conn.commit()
+    conn.close()
+    got = samples(cli_metrics("--db", db))
+    assert abs(got[("argo_signals_last_commit_timestamp_seconds", frozenset())] - time.time()) < 600
