@@ -215,7 +215,8 @@ def check_api_key(key: Optional[str]) -> Optional[str]:
 
 
 def check_alpine_url(url: str) -> str:
-    """Return the base URL without a trailing ``/`` if requests can be built on it; else raise
+    """Return the base URL without a trailing ``/``, its scheme in lower case, if requests can be
+    built on it; else raise
     ``ValueError`` with a clear message (credentials in the URL are never repeated)."""
     if not isinstance(url, str):
         raise ValueError(f"ALPINE_API_URL must be a string, not {type(url).__name__}")
@@ -243,7 +244,7 @@ def check_alpine_url(url: str) -> str:
         raise ValueError(f"ALPINE_API_URL has a bad port (a number 1-65535 expected): {shown!r}")
     if not parts.hostname:
         raise ValueError(f"ALPINE_API_URL has no host: {shown!r}")
-    return url
+    return parts.scheme + url[len(parts.scheme):]   # the scheme in lower case ("HTTPS://" is "https://")
 
 
 def _hide_credentials(url: str) -> str:

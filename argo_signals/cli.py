@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import signal as _signal
+import re
 import sqlite3
 import sys
 import threading
@@ -213,6 +214,8 @@ def _demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opt
         ids: List[str] = []
         gap = 1.0 / rate if rate > 0 else 0.0
         for j in range(n):
+            if stop.is_set():
+                break
             sig = next(gen)
             sig["timestamp"] = session_time(j * producers + k, count, session_end)
             t0 = time.perf_counter()
@@ -226,28 +229,37 @@ def _demo(db_path: str, count: int, producers: int, rate: float, alpine_url: Opt
             with lock:
                 done[0] += 1
             if gap:
-                time.sleep(gap)
+                stop.wait(gap)
         with lock:
             call_us.extend(mine)
             for key, n_closed in mine_closed.items():
                 closed[key] += n_closed
             run_ids.extend(ids)
 
+    stop = threading.Event()
     start = time.perf_counter()
     threads = [threading.Thread(target=produce, args=(k, n), daemon=True) for k, n in enumerate(shares)]
-    for th in threads:
-        th.start()
-    with _progress(count, "logging", quiet) as bar:
-        shown = 0
-        while any(th.is_alive() for th in threads):
-            time.sleep(0.05)
+    try:
+        for th in threads:
+            th.start()
+        with _progress(count, "logging", quiet) as bar:
+            shown = 0
+            while any(th.is_alive() for th in threads):
+                time.sleep(0.05)
+                bar.update(done[0] - shown)
+                shown = done[0]
             bar.update(done[0] - shown)
-            shown = done[0]
-        bar.update(done[0] - shown)
-    flushed = tracker.flush(60)
-    elapsed = time.perf_counter() - start
-    if tracker.sync_enabled:
-        _wait_synced_with_bar(tracker, db_path, run_ids, quiet)
+        flushed = tracker.flush(60)
+        elapsed = time.perf_counter() - start
+        if tracker.sync_enabled:
+            _wait_synced_with_bar(tracker, db_path, run_ids, quiet)
+    except BaseException:  # Ctrl-C: what was logged is still committed before leaving
+        stop.set()
+        for th in threads:
+            if th.is_alive():
+                th.join(5)
+        tracker.close(30)
+        raise
     tracker.close(30)
     st = tracker.stats()
     call_us.sort()
@@ -893,7 +905,7 @@ def _host_port(value: str) -> Tuple[str, int]:
     """``HOST:PORT`` (``[::1]:9100`` for IPv6) -> (host, port)."""
     host, sep, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
         raise click.BadParameter(f"expected HOST:PORT, e.g. 127.0.0.1:9464, got {value!r}", param_hint="--serve")
     return host, int(port)
 

@@ -9,13 +9,18 @@ block the writer, nor it them).  Every query is answered from an index or a smal
   ``synced`` is the rest (on a healthy database it is nearly every row: counting its range
   would read the whole index, about ten times slower);
 * the oldest pending row: the first entry of ``sync_status = 'pending'`` in that index;
-* the last commit: ``max(created_at)`` from the ``created_at`` index (one seek);
+* the last commit: ``max(created_at)`` among texts that look like dates, from the
+  ``created_at`` index (one seek);
+* a reader that may not write the directory (a monitoring account) reads a database nobody has
+  open (no ``-wal`` file) as an immutable file: SQLite cannot create the ``-shm`` otherwise;
 * refused rows and waiting updates: ``count(*)`` of the small ``rejected_signals`` and
   ``waiting_updates`` tables (the latter counted only where it exists: older databases
   have no such table and report 0).
 """
 from __future__ import annotations
 
+import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,7 +35,8 @@ QUERIES = {
     "total": "SELECT count(*) FROM signals",
     "with_status": "SELECT count(*) FROM signals WHERE sync_status = ?",
     "oldest_pending": "SELECT created_at FROM signals WHERE sync_status = 'pending' ORDER BY id LIMIT 1",
-    "last_commit": "SELECT max(created_at) FROM signals",
+    # (a date: text another program wrote, e.g. 'n/a', sorts after every date and would hide it)
+    "last_commit": "SELECT max(created_at) FROM signals WHERE created_at BETWEEN '0000' AND '9999-12-31U'",
     "refused": "SELECT count(*) FROM rejected_signals",
     "has_waiting": "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'waiting_updates'",
     "waiting": "SELECT count(*) FROM waiting_updates",
@@ -59,11 +65,26 @@ def _epoch(text: Optional[str]) -> Optional[float]:
         return None
 
 
+def _open(db_path: str, timeout: float) -> sqlite3.Connection:
+    """A read-only connection.  A user who may read the file but not write its directory (a
+    monitoring account) cannot create the ``-shm`` a WAL database needs while no process has it
+    open (no ``-wal``): then the file is read as it is (``immutable``: nothing is writing it)."""
+    conn = store.connect_readonly(db_path, timeout=timeout)
+    try:
+        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        return conn
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if "readonly" not in str(exc) or os.path.exists(f"{db_path}-wal"):
+            raise
+    return sqlite3.connect(store.readonly_uri(db_path) + "&immutable=1", uri=True, timeout=timeout)
+
+
 def read_state(db_path: str, now: Optional[float] = None, timeout: float = 5.0) -> DatabaseState:
     """Read the state of ``db_path``; raises ``sqlite3.Error`` when it cannot be read (missing,
     not a database, not an argo-signals database)."""
     now = time.time() if now is None else now
-    conn = store.connect_readonly(db_path, timeout=timeout)
+    conn = _open(db_path, timeout)
     try:
         conn.execute("BEGIN")  # one snapshot for every figure
         q = QUERIES

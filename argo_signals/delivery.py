@@ -35,22 +35,26 @@ _JSON_ESCAPES = {"/": "/", "\\": "\\", '"': '"', "'": "'", "b": "", "f": "", "n"
 BODY_LIMIT = 64 * 1024  # an answer is a few hundred bytes; more is dropped unread
 SHOWN_LIMIT = 300  # characters of an answer's text kept (logged, stored), cut after redaction
 MIN_PARTIAL = 4   # a cut text ending in this much of the key's start loses that end too
+MIN_RATE_PAUSE = 1.0  # the shortest pause a rate limit holds the sync for
 MIN_RUN = 8       # any run of this many consecutive characters of the key is redacted
 _ENTITY_MAX = 32  # longest HTML entity looked at (``&CounterClockwiseContourIntegral;``)
 
 
-def _canonical(text: str) -> Tuple[bytes, List[int], List[int]]:
+def _canonical(text: str, decode: bool = True) -> Tuple[bytes, List[int], List[int]]:
     """``text`` decoded the ways a receiver may echo a value (percent escapes in any case,
     form ``+``, JSON backslash escapes, HTML character references) with whitespace and ``+``
     dropped, as lower-case UTF-8 bytes;
-    with, for each byte, the start and end of the characters of ``text`` it came from."""
+    with, for each byte, the start and end of the characters of ``text`` it came from.
+    With ``decode=False`` nothing is decoded (a key may itself look like an escape)."""
     out = bytearray()
     starts: List[int] = []
     ends: List[int] = []
     i, n = 0, len(text)
     while i < n:
         ch = text[i]
-        if ch == "%" and i + 2 < n and text[i + 1] in _HEX and text[i + 2] in _HEX:
+        if not decode:
+            b, j = ch.encode("utf-8", "surrogatepass"), i + 1
+        elif ch == "%" and i + 2 < n and text[i + 1] in _HEX and text[i + 2] in _HEX:
             b, j = bytes((int(text[i + 1:i + 3], 16),)), i + 3
         elif ch == "\\" and i + 1 < n and text[i + 1] in _JSON_ESCAPES:
             b, j = _JSON_ESCAPES[text[i + 1]].encode(), i + 2
@@ -102,20 +106,13 @@ class Redactor:
         for s in secrets:
             if s:
                 raw.add(s)
-                c = _canonical(s)[0]
-                if c:
-                    keys.add(c)
+                # the key as written and as decoded: an echo may decode to either
+                keys.update(c for c in (_canonical(s)[0], _canonical(s, decode=False)[0]) if c)
         self._raw = sorted(raw, key=len, reverse=True)
         self._keys = sorted(keys, key=len, reverse=True)
         self._runs = frozenset(k[i:i + MIN_RUN] for k in self._keys for i in range(len(k) - MIN_RUN + 1))
 
-    def __call__(self, text: Optional[str]) -> str:
-        text = "" if text is None else str(text)
-        for r in self._raw:
-            text = text.replace(r, "***")
-        if not self._keys:
-            return text
-        canon, starts, ends = _canonical(text)
+    def _spans(self, text: str, canon: bytes, starts: List[int], ends: List[int]) -> List[Tuple[int, int]]:
         spans: List[Tuple[int, int]] = []
         for key in self._keys:
             at = canon.find(key)
@@ -131,6 +128,17 @@ class Redactor:
             for at in range(len(canon) - MIN_RUN + 1):
                 if canon[at:at + MIN_RUN] in runs:
                     spans.append((starts[at], ends[at + MIN_RUN - 1]))
+        return spans
+
+    def __call__(self, text: Optional[str]) -> str:
+        text = "" if text is None else str(text)
+        for r in self._raw:
+            text = text.replace(r, "***")
+        if not self._keys:
+            return text
+        spans: List[Tuple[int, int]] = []
+        for decode in (True, False):   # an echo read decoded, and as written
+            spans += self._spans(text, *_canonical(text, decode))
         if not spans:
             return text
         spans.sort()
@@ -329,7 +337,7 @@ class Delivery:
         post = s.prepare_request(requests.Request("POST", cfg.alpine_url + SIGNAL_PATH, data=b"{}"))
         health = s.prepare_request(requests.Request("GET", cfg.alpine_url + HEALTH_PATH))
         send_kw = {"stream": True, "timeout": cfg.timeout, "cert": None,
-                   "verify": env.get("verify", True) if cfg.alpine_url.startswith("https://") else True,
+                   "verify": env.get("verify", True) if cfg.alpine_url.lower().startswith("https://") else True,
                    "proxies": dict(env.get("proxies") or {})}
         st = self._local.state = _ThreadState(s, adapter, post, health, send_kw, mine)
         with self._lock:
@@ -383,7 +391,8 @@ class Delivery:
         """A rate limit (429, or a Retry-After on a 503) holds every request of the sync."""
         if answer.kind is Kind.RATE_LIMITED or (answer.kind is Kind.UNREACHABLE and answer.retry_after is not None):
             wait = self.config.max_backoff if answer.retry_after is None else answer.retry_after
-            self.gate.hold(min(wait, self.config.max_retry_after))
+            # "retry now" (0, or a date already past: the receiver's clock is behind) still waits
+            self.gate.hold(min(max(wait, MIN_RATE_PAUSE), self.config.max_retry_after))
         else:
             self.gate.answered()
 

@@ -34,9 +34,11 @@ SYNC_STATUSES = ("pending", "synced", "rejected", "skipped", "failed")
 # Delivery attempts that left the row unsettled, by what the receiver (or the network) said.
 SYNC_FAILURES = ("transient", "unreachable", "auth", "redirect", "endpoint")
 WRITER_STATES = ("open", "degraded", "closing", "closed")
+REQUEST_TIMEOUT = 10.0   # seconds a scrape connection may stay silent before it is dropped
 
 # name -> (type, help, label); the stats() key each one reports is in TrackerCollector.collect
 TRACKER_METRICS: Dict[str, Tuple[str, str, Optional[str]]] = {
+    "argo_signals_database_up": ("gauge", "1 when the database could be read at this scrape.", None),
     "argo_signals_logged_total": ("counter", "Signals accepted by log_signal().", None),
     "argo_signals_persisted_total": ("counter", "Rows committed to SQLite, by what wrote them.", "trigger"),
     "argo_signals_duplicates_total": ("counter", "Re-logged signals identical to a stored one (no-ops).", None),
@@ -69,7 +71,7 @@ TRACKER_METRICS: Dict[str, Tuple[str, str, Optional[str]]] = {
 }
 
 DATABASE_METRICS: Dict[str, Tuple[str, str, Optional[str]]] = {
-    "argo_signals_database_up": ("gauge", "1 when the database could be read at this scrape.", None),
+    "argo_signals_database_up": TRACKER_METRICS["argo_signals_database_up"],
     "argo_signals_signals": TRACKER_METRICS["argo_signals_signals"],
     "argo_signals_oldest_pending_age_seconds": TRACKER_METRICS["argo_signals_oldest_pending_age_seconds"],
     "argo_signals_refused_rows": ("gauge", "Rows in rejected_signals.", None),
@@ -151,9 +153,13 @@ class TrackerCollector:
         f.add("argo_signals_sync_failed_total", by={r: outcomes.get(r, 0) for r in SYNC_FAILURES})
         f.add("argo_signals_sync_retries_total", st["sync_retries"])
         f.histogram("argo_signals_sync_lag_seconds", st["sync_delivery_lag_s"])
-        f.add("argo_signals_sync_pending", st["sync_pending"])
-        f.add("argo_signals_signals", by={s: st["synced" if s == "synced" else f"sync_{s}"] for s in SYNC_STATUSES})
-        f.add("argo_signals_oldest_pending_age_seconds", max(0.0, st["sync_lag_s"] or 0.0))
+        # read from the database: when it could not be read, no sample (unknown, not 0)
+        readable = st.get("database_readable", True)
+        f.add("argo_signals_database_up", readable)
+        f.add("argo_signals_sync_pending", st["sync_pending"] if readable else None)
+        f.add("argo_signals_signals", by={s: st["synced" if s == "synced" else f"sync_{s}"] for s in SYNC_STATUSES}
+              if readable else None)
+        f.add("argo_signals_oldest_pending_age_seconds", max(0.0, st["sync_lag_s"] or 0.0) if readable else None)
         f.add("argo_signals_sync_breaker_open", st["sync_breaker"] in ("open", "half_open"))
         return f.out
 
@@ -203,6 +209,8 @@ class MetricsServer:
             registry.register(c)
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT   # an idle connection must not hold a thread for ever
+
             def do_GET(self) -> None:
                 if self.path.split("?")[0] != "/metrics":
                     body, status, ctype = b"see /metrics\n", 404, "text/plain; charset=utf-8"

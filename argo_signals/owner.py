@@ -37,10 +37,12 @@ def _boot_id() -> str:
 
 def _start_time(pid: int) -> Optional[str]:
     """The process's start time (clock ticks since boot) from /proc, "" where /proc has none,
-    None if no such process."""
+    None if no such process (or only its corpse: a zombie nobody reaped yet, killed or exited)."""
     stat = _read(f"/proc/{pid}/stat")
     if stat:
         fields = stat.rsplit(")", 1)[-1].split()
+        if fields and fields[0] in ("Z", "X", "x"):
+            return None
         return fields[19] if len(fields) > 19 else ""
     if os.path.isdir("/proc/self"):
         return None   # /proc works and has no such pid

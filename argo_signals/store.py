@@ -393,21 +393,25 @@ def _current_token(conn: sqlite3.Connection) -> Optional[str]:
 
 
 def claim_due(conn: sqlite3.Connection, token: str, limit: int, lease: float,
-              after_id: Optional[int] = None, now: Optional[float] = None) -> List[Dict[str, Any]]:
+              after_id: Optional[int] = None, now: Optional[float] = None,
+              horizon: Optional[float] = None) -> List[Dict[str, Any]]:
     """Atomically claim up to ``limit`` due, unclaimed pending rows (oldest first) for ``token``.
 
     With ``after_id`` (a forced run) rows are taken whether due or not, in id order after it.
-    Each row carries ``sync_file``, the token of the file it was claimed from.  Claims held by
-    others are freed only by ``reclaim``.
+    With ``horizon``, a row due more than that many seconds ahead is due now: no sender sets
+    such a time, the wall clock was set back since.  Each row carries ``sync_file``, the token
+    of the file it was claimed from.  Claims held by others are freed only by ``reclaim``.
     """
     now = time.time() if now is None else now
-    due = ("AND (sync_next_at IS NULL OR sync_next_at <= :now)" if after_id is None
+    later = "" if horizon is None else " OR sync_next_at > :latest"
+    due = (f"AND (sync_next_at IS NULL OR sync_next_at <= :now{later})" if after_id is None
            else "AND id > :after")
     with _immediate(conn):
         rows = [dict(zip([d[0] for d in cur.description], rec)) for cur in [conn.execute(
             f"SELECT * FROM signals WHERE sync_status = 'pending' {due} "
             "AND sync_claim IS NULL ORDER BY id LIMIT :limit",
-            {"now": now, "limit": limit, "after": after_id})] for rec in cur.fetchall()]
+            {"now": now, "limit": limit, "after": after_id, "latest": now + (horizon or 0.0)})]
+            for rec in cur.fetchall()]
         if rows:
             this_file = file_token(conn)
             ids = [r["id"] for r in rows]

@@ -112,6 +112,8 @@ class Syncer:
         # may wait in the executor behind max_inflight / workers such deliveries.
         one = 2 * sum(cfg.timeout) + cfg.retry_budget + cfg.max_backoff + cfg.max_retry_after
         self.lease = math.ceil(self.max_inflight / cfg.workers) * one + 60.0
+        # the furthest a row's next attempt is ever set ahead; further means the clock went back
+        self.horizon = max(cfg.redelivery_max, cfg.redelivery_base, cfg.max_retry_after) + 60.0
         self.breaker = Breaker(cfg.breaker_threshold, cfg.probe_base, cfg.probe_max)
         self.gate = Gate()
         self.delivery = Delivery(cfg, self.breaker, self._stopping, self.redact, self.gate)
@@ -242,7 +244,7 @@ class Syncer:
                 try:
                     self._reclaim()
                     rows = store.claim_due(self._conn(), self._token, 1 if trial else room, self.lease,
-                                           0 if trial else self.forced_after)
+                                           0 if trial else self.forced_after, horizon=self.horizon)
                     self.db_error = None
                     self._claimed_any = self._claimed_any or bool(rows)
                 except sqlite3.Error as exc:  # busy beyond the timeout, unreadable: next nudge

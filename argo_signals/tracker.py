@@ -226,7 +226,7 @@ def _count_value(counter: "itertools.count[int]") -> int:
 def sync_state(db_path: str) -> Dict[str, Any]:
     """Counts by sync status and the sync lag, read from the database (zeros if it is absent)."""
     out: Dict[str, Any] = {"synced": 0, "sync_pending": 0, "sync_rejected": 0, "sync_skipped": 0,
-                           "sync_failed": 0, "sync_lag_s": None}
+                           "sync_failed": 0, "sync_lag_s": None, "database_readable": False}
     if not os.path.exists(db_path):
         return out
     try:
@@ -241,6 +241,7 @@ def sync_state(db_path: str) -> Dict[str, Any]:
         return out
     finally:
         conn.close()
+    out["database_readable"] = True
     for status in ("synced", "pending", "rejected", "skipped", "failed"):
         key = "synced" if status == "synced" else f"sync_{status}"
         out[key] = counts.get(status, 0)

@@ -1,12 +1,15 @@
 """Prometheus metrics: a real registry and prometheus_client's own parser over the tracker's
 collector and the `metrics` command; values checked against stats() and SQL."""
 import json
+import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -250,3 +253,82 @@ def test_serve_takes_an_ipv6_host(db):
             assert samples(resp.read().decode())[("argo_signals_database_up", frozenset())] == 1
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:\u00b2", "127.0.0.1:", "127.0.0.1:+80", "9100"])
+def test_serve_refuses_an_address_that_is_not_host_and_port(db, address):
+    _seed_database(db)
+    r = CliRunner().invoke(main, ["metrics", "--db", str(db), "--serve", address])
+    assert r.exit_code == 2 and "expected HOST:PORT" in r.output, (r.exit_code, r.output, r.exception)
+
+
+def test_metrics_read_a_database_whose_directory_this_user_cannot_write(tmp_path):
+    """A monitoring user with read access only, while no process has the database open (no
+    -wal/-shm file): SQLite cannot create the -shm a WAL database needs to be read."""
+    as_other = []
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root without setpriv cannot drop the write access")
+        as_other = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    where = Path(tempfile.mkdtemp(dir="/tmp" if as_other else tmp_path))
+    try:
+        db = where / "signals.db"
+        with SignalTracker(db, sync_enabled=False, register_atexit=False) as t:
+            t.log_signal(make_signal(1))
+        assert not Path(f"{db}-wal").exists()
+        db.chmod(0o644)
+        where.chmod(0o555)
+        r = subprocess.run([*as_other, str(Path(sys.executable).parent / "argo-signals"), "metrics", "--db", str(db)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert samples(r.stdout)[("argo_signals_signals", frozenset({("status", "pending")}))] == 1
+        assert sorted(p.name for p in where.iterdir()) == ["signals.db"]
+    finally:
+        where.chmod(0o755)
+        shutil.rmtree(where)
+
+
+def test_serve_drops_a_connection_that_never_sends_a_request(db, monkeypatch):
+    import argo_signals.metrics
+    monkeypatch.setattr(argo_signals.metrics, "REQUEST_TIMEOUT", 0.3, raising=False)
+    _seed_database(db)
+    server = MetricsServer("127.0.0.1", 0, DatabaseCollector(str(db))).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.address[1]), timeout=5) as idle:
+            t0 = time.monotonic()
+            assert idle.recv(100) == b""   # closed by the server, not by our 5 s timeout
+            assert time.monotonic() - t0 < 4
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.address[1]}/metrics", timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        server.stop()
+
+
+def test_a_tracker_whose_database_cannot_be_read_reports_no_rows_rather_than_zero(db):
+    """The database file removed under a live tracker: its rows are unknown, not 0 pending."""
+    with SignalTracker(db, sync_enabled=False, register_atexit=False) as t:
+        t.log_signal(make_signal(1))
+        assert t.flush(10)
+        registry = CollectorRegistry()
+        registry.register(TrackerCollector(t))
+        assert samples(generate_latest(registry).decode())[("argo_signals_database_up", frozenset())] == 1
+        Path(db).unlink()
+        got = samples(generate_latest(registry).decode())
+    assert got[("argo_signals_database_up", frozenset())] == 0
+    assert ("argo_signals_sync_pending", frozenset()) not in got
+    assert not [k for k in got if k[0] == "argo_signals_signals"]
+    assert got[("argo_signals_logged_total", frozenset())] == 1   # the tracker's own counters stay
+
+
+def test_a_row_whose_created_at_is_junk_does_not_hide_the_last_commit(db):
+    """Another program inserted a row with created_at 'n/a' (text sorts after every date)."""
+    with SignalTracker(db, sync_enabled=False, register_atexit=False) as t:
+        t.log_signal(make_signal(1))
+    conn = sqlite3.connect(str(db))
+    conn.execute("INSERT INTO signals (signal_id, symbol, action, entry_price, confidence, timestamp, sha256, "
+                 "created_at) SELECT 'other', symbol, action, entry_price, confidence, timestamp, 'x', 'n/a' "
+                 "FROM signals")
+    conn.commit()
+    conn.close()
+    got = samples(cli_metrics("--db", db))
+    assert abs(got[("argo_signals_last_commit_timestamp_seconds", frozenset())] - time.time()) < 600
