@@ -34,6 +34,8 @@ __all__ = [
     "RESERVED_COLUMNS",
     "recheck",
     "MAX_METADATA_DEPTH",
+    "default_timestamp",
+    "hash_row",
 ]
 
 
@@ -471,6 +473,18 @@ def _utc_iso(ts: float) -> str:
     if cached[0] != sec:
         cached = _ts_cache = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
     return f"{cached[1]}.{us:06d}+00:00"
+
+
+def default_timestamp(ts: float) -> DefaultTimestamp:
+    """The timestamp ``finish()`` fills in for a signal logged at ``ts`` (epoch seconds)."""
+    return DefaultTimestamp(_utc_iso(ts))
+
+
+def hash_row(row: tuple) -> str:
+    """The sha256 ``finish()`` appends: ``row`` is normalised, its timestamp already text."""
+    sid, symbol, action, entry, target, stop, confidence, strategy = row[:8]
+    text = _hash_text(sid, symbol, action, entry, target, stop, confidence, strategy, row[10])
+    return _sha256(text.encode()).hexdigest()
 
 
 def finish(row: tuple) -> tuple:

@@ -22,7 +22,7 @@ import sqlite_utils
 from .signal import FINISHED_FIELDS, UPDATABLE, DefaultTimestamp
 
 __all__ = ["connect", "connect_readonly", "readonly_uri", "SYNC_STATUSES", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
-           "SIGNAL_COLUMNS", "utc_now", "status_counts", "claim_due", "settle", "settle_many", "release",
+           "SIGNAL_COLUMNS", "utc_now", "insert_sql", "insert_params", "status_counts", "claim_due", "settle", "settle_many", "release",
            "settle_refused",
            "reset_status"]
 
@@ -59,11 +59,17 @@ ROWS_PER_STATEMENT = max(1, min(500, _MAX_VARIABLES // len(_INSERT_COLUMNS)))
 _multi_sql: Dict[int, str] = {}
 
 
-def _insert_sql(n: int) -> str:
+def insert_sql(n: int) -> str:
+    """The statement inserting ``n`` rows (bind values from ``insert_params()``)."""
     sql = _multi_sql.get(n)
     if sql is None:
         sql = _multi_sql[n] = _INSERT_HEAD + ", ".join([_ROW] * n)
     return sql
+
+
+def insert_params(rows: Sequence[tuple], created: str) -> List[Any]:
+    """The bind values of ``insert_sql(len(rows))`` for finished rows stamped ``created``."""
+    return [v for r in rows for v in r + (created,)]
 
 
 def utc_now() -> str:
@@ -182,7 +188,7 @@ def write_batch(conn: sqlite3.Connection, rows: Sequence[tuple],
     result = BatchResult()
     created = utc_now()
     with _immediate(conn):
-        _insert(conn, [r + (created,) for r in rows], result)
+        _insert(conn, list(rows), created, result)
         for sid, values in updates:
             if not values or not UPDATABLE.issuperset(values):
                 # updates can come back from a spill file: never trust column names
@@ -199,7 +205,7 @@ def write_batch(conn: sqlite3.Connection, rows: Sequence[tuple],
     return result
 
 
-def _insert(conn: sqlite3.Connection, rows: List[tuple], result: BatchResult) -> None:
+def _insert(conn: sqlite3.Connection, rows: List[tuple], created: str, result: BatchResult) -> None:
     if not rows:
         return
     before = conn.total_changes
@@ -208,7 +214,7 @@ def _insert(conn: sqlite3.Connection, rows: List[tuple], result: BatchResult) ->
         step = ROWS_PER_STATEMENT
         for i in range(0, len(rows), step):
             chunk = rows[i:i + step]
-            conn.execute(_insert_sql(len(chunk)), [v for r in chunk for v in r])
+            conn.execute(insert_sql(len(chunk)), insert_params(chunk, created))
         conn.execute("RELEASE batch")
     except Exception as exc:
         if is_environment_error(exc) or not conn.in_transaction:
@@ -219,8 +225,8 @@ def _insert(conn: sqlite3.Connection, rows: List[tuple], result: BatchResult) ->
             _reject(result, rows[0], f"refused by the database: {type(exc).__name__}: {exc}")
             return
         mid = len(rows) // 2
-        _insert(conn, rows[:mid], result)
-        _insert(conn, rows[mid:], result)
+        _insert(conn, rows[:mid], created, result)
+        _insert(conn, rows[mid:], created, result)
         return
     inserted = conn.total_changes - before
     result.inserted += inserted
