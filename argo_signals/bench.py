@@ -407,11 +407,11 @@ def format_report(r: Dict[str, Any]) -> str:
             f"{'queue.Queue.put_nowait':34} {r['put_nowait_p50_us']:>10.2f}",
         ]
     if "strategy_slowdown_5k" in r:
-        lines += ["", f"{'strategy slowdown (% of its speed)':34} {'library':>10} {'reference':>10} {'no-op':>7}"]
+        lines += ["", f"{'strategy slowdown (% of its speed)':40} {'library':>10} {'reference':>10} {'no-op':>7}"]
         for k in ("1k", "5k"):
             for wall in ("", "_wall"):
-                label = f"  logging {k} signals/s beside it" + (", wall" if wall else "")
-                lines.append(f"{label:34} {r['strategy_slowdown_' + k + wall]:>9.1f}% "
+                label = f"  {k} signals/s logged beside it" + (" (wall)" if wall else "")
+                lines.append(f"{label:40} {r['strategy_slowdown_' + k + wall]:>9.1f}% "
                              f"{r['queuehandler_slowdown_' + k + wall]:>9.1f}% {r['noop_logger_slowdown_' + k + wall]:>6.1f}%")
         lines.append(f"  (reference: QueueHandler + QueueListener, executemany every 50 records; no-op: a logger "
                      f"that does nothing, the measurement's floor; rates reached: library "
