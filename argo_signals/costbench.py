@@ -192,11 +192,11 @@ def _paced(log: Callable[[Dict[str, Any]], Any], sigs: List[Dict[str, Any]], rat
         for _ in range(per_tick):
             log(sigs[i % n])
             i += 1
+        count[0] = i
         due += tick
         delay = due - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-    count[0] = i
 
 
 def _pairs(log: Callable[[Dict[str, Any]], Any], settle: Callable[[], None], sigs: List[Dict[str, Any]],
@@ -211,17 +211,22 @@ def _pairs(log: Callable[[Dict[str, Any]], Any], settle: Callable[[], None], sig
     ratios: List[float] = []
     own: List[float] = []
     busy = 0.0
+    cpu = logged = 0.0   # CPU time of the process's other threads while loaded, and signals logged
     try:
         for k in range(pairs):
             speeds: Dict[bool, Tuple[float, float]] = {}
             for loaded in ((False, True) if k % 2 == 0 else (True, False)):
                 if loaded:
+                    cpu0, own0, n0 = time.process_time(), time.thread_time(), count[0]
                     active.set()
                     time.sleep(0.02)
                     start = time.perf_counter()
                     speeds[loaded] = _spin(seconds)
                     active.clear()
                     busy += time.perf_counter() - start + 0.02
+                    settle()
+                    cpu += (time.process_time() - cpu0) - (time.thread_time() - own0)
+                    logged += count[0] - n0
                 else:
                     settle()
                     speeds[loaded] = _spin(seconds)
@@ -231,7 +236,8 @@ def _pairs(log: Callable[[Dict[str, Any]], Any], settle: Callable[[], None], sig
         active.set()
         stop.set()
         th.join()
-    return {"ratios": ratios, "own": own, "rate": count[0] / busy if busy else 0.0}
+    return {"ratios": ratios, "own": own, "rate": count[0] / busy if busy else 0.0,
+            "cpu_us": cpu / logged * 1e6 if logged else 0.0}
 
 
 def _library(path: str, sigs: List[Dict[str, Any]], rate: int, seconds: float, pairs: int) -> Dict[str, Any]:
@@ -324,7 +330,9 @@ def strategy_slowdown(tmp: str, sigs: List[Dict[str, Any]], seconds: float = 0.1
     loop alone and beside the library, then the same beside the reference, and beside a logger
     that does nothing (the measurement's own floor).  Each slowdown is 100 * (1 - the median
     loaded/alone speed ratio) percent: ``*_wall`` per wall second, the others per wall second
-    less the time the OS ran other processes (see ``_spin``)."""
+    less the time the OS ran other processes (see ``_spin``).  ``*_cpu_us_*`` is the CPU time
+    the process's other threads (logging, writing) spent per signal logged, settling included:
+    unlike the speeds, other processes on the machine hardly move it."""
     def fresh(name: str) -> str:
         path = os.path.join(tmp, name)
         for suffix in ("", "-wal", "-shm", ".spill.jsonl"):
@@ -343,4 +351,5 @@ def strategy_slowdown(tmp: str, sigs: List[Dict[str, Any]], seconds: float = 0.1
             out[f"{name}_slowdown_{k}"] = 100.0 * (1.0 - med(run["own"]))
             out[f"{name}_slowdown_{k}_wall"] = 100.0 * (1.0 - med(run["ratios"]))
             out[f"{name}_rate_{k}"] = run["rate"]
+            out[f"{name}_cpu_us_{k}"] = run["cpu_us"]
     return out
