@@ -17,7 +17,7 @@ import queue
 import statistics
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .config import Config
 from .engine import Engine
@@ -145,25 +145,9 @@ def _handoff(rows: List[tuple]) -> float:
 
 
 # -- strategy slowdown ---------------------------------------------------------------------------
-_SCHEDSTAT = "/proc/thread-self/schedstat"
-
-
-def _waited() -> float:
-    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat; 0 elsewhere).
-    Time waiting for the GIL is not in it: a thread waiting for the GIL sleeps."""
-    try:
-        with open(_SCHEDSTAT) as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def _spin(seconds: float) -> Tuple[float, float]:
-    """The strategy: pure-Python arithmetic for ``seconds``.  Returns work units per wall
-    second, and per wall second less the time the OS gave the CPU to other processes (on a
-    shared machine that time is noise; what the GIL takes stays in both)."""
+def _spin(seconds: float) -> float:
+    """The strategy: pure-Python arithmetic for ``seconds``; returns work units per wall second."""
     clock = time.perf_counter
-    waited = _waited()
     start = clock()
     end = start + seconds
     units = 0
@@ -172,9 +156,7 @@ def _spin(seconds: float) -> Tuple[float, float]:
         for i in range(300):
             x += i * i
         units += 1
-    wall = clock() - start
-    waited = _waited() - waited
-    return units / wall, units / max(wall - waited, wall * 0.05)
+    return units / (clock() - start)
 
 
 def _paced(log: Callable[[Dict[str, Any]], Any], sigs: List[Dict[str, Any]], rate: int,
@@ -209,12 +191,11 @@ def _pairs(log: Callable[[Dict[str, Any]], Any], settle: Callable[[], None], sig
     th = threading.Thread(target=_paced, args=(log, sigs, rate, active, stop, count), name="bench-producer")
     th.start()
     ratios: List[float] = []
-    own: List[float] = []
     busy = 0.0
     cpu = logged = 0.0   # CPU time of the process's other threads while loaded, and signals logged
     try:
         for k in range(pairs):
-            speeds: Dict[bool, Tuple[float, float]] = {}
+            speeds: Dict[bool, float] = {}
             for loaded in ((False, True) if k % 2 == 0 else (True, False)):
                 if loaded:
                     cpu0, own0, n0 = time.process_time(), time.thread_time(), count[0]
@@ -230,13 +211,12 @@ def _pairs(log: Callable[[Dict[str, Any]], Any], settle: Callable[[], None], sig
                 else:
                     settle()
                     speeds[loaded] = _spin(seconds)
-            ratios.append(speeds[True][0] / speeds[False][0])
-            own.append(speeds[True][1] / speeds[False][1])
+            ratios.append(speeds[True] / speeds[False])
     finally:
         active.set()
         stop.set()
         th.join()
-    return {"ratios": ratios, "own": own, "rate": count[0] / busy if busy else 0.0,
+    return {"ratios": ratios, "rate": count[0] / busy if busy else 0.0,
             "cpu_us": cpu / logged * 1e6 if logged else 0.0}
 
 
@@ -329,8 +309,8 @@ def strategy_slowdown(tmp: str, sigs: List[Dict[str, Any]], seconds: float = 0.1
     """One round: at each of ``SLOWDOWN_RATES``, ``pairs`` pairs of ``seconds``-long spins of the
     loop alone and beside the library, then the same beside the reference, and beside a logger
     that does nothing (the measurement's own floor).  Each slowdown is 100 * (1 - the median
-    loaded/alone speed ratio) percent: ``*_wall`` per wall second, the others per wall second
-    less the time the OS ran other processes (see ``_spin``).  ``*_cpu_us_*`` is the CPU time
+    loaded/alone speed ratio) percent, speeds per wall second (on a shared machine other
+    processes move them by tens of percent).  ``*_cpu_us_*`` is the CPU time
     the process's other threads (logging, writing) spent per signal logged, settling included:
     unlike the speeds, other processes on the machine hardly move it."""
     def fresh(name: str) -> str:
@@ -348,8 +328,7 @@ def strategy_slowdown(tmp: str, sigs: List[Dict[str, Any]], seconds: float = 0.1
                 "queuehandler": _reference(fresh("slowdown-ref.db"), sigs, rate, seconds, pairs),
                 "noop_logger": _pairs(lambda s: None, lambda: None, sigs, rate, seconds, pairs)}
         for name, run in runs.items():
-            out[f"{name}_slowdown_{k}"] = 100.0 * (1.0 - med(run["own"]))
-            out[f"{name}_slowdown_{k}_wall"] = 100.0 * (1.0 - med(run["ratios"]))
+            out[f"{name}_slowdown_{k}"] = 100.0 * (1.0 - med(run["ratios"]))
             out[f"{name}_rate_{k}"] = run["rate"]
             out[f"{name}_cpu_us_{k}"] = run["cpu_us"]
     return out

@@ -82,7 +82,8 @@ def _nan_binds_as_null() -> bool:
 # has ten or more NULLs.  SQLite stores a NaN bound as a double as NULL (checked here once;
 # the library never stores a NaN, it refuses them), so NaN is bound where None stands.
 _NULL: Any = math.nan if _nan_binds_as_null() else None
-_NULL_OF = {None: _NULL}.get   # _NULL_OF(v, v): the bind value of v (C-level, no Python step)
+_NULL_OF: Callable[..., Any] = {None: _NULL}.get   # _NULL_OF(v, v): the bind value of v (C-level, no Python step)
+_AS_IS: Callable[..., Any] = {None: None}.get
 _FLOAT_ADAPTER = (float, sqlite3.PrepareProtocol)
 _WIDTH = len(_INSERT_COLUMNS)
 _TS = FINISHED_FIELDS.index("timestamp")
@@ -103,7 +104,7 @@ def insert_params(rows: Sequence[tuple], created: str) -> List[Any]:
     if not n:
         return out
     # a float adapter registered by the application would be handed our NaN: bind None then
-    null_of = _NULL_OF if _FLOAT_ADAPTER not in sqlite3.adapters else {}.get
+    null_of = _NULL_OF if _FLOAT_ADAPTER not in sqlite3.adapters else _AS_IS
     all_null = (None,) * n
     for k, col in enumerate(zip(*rows)):
         if k in _OPTIONAL:

@@ -13,7 +13,7 @@ KEYS = ["e2e_rows_per_s", "raw_rows_per_s", "e2e_vs_raw", "naive_rows_per_s", "e
         "stage_hash_us", "stage_row_build_us", "stage_bind_step_us", "stage_handoff_us", "stage_total_us",
         "strategy_rate_1k", "strategy_rate_5k", "queuehandler_rate_5k", "strategy_cpu_us_5k", "queuehandler_cpu_us_5k", "e2e_us_per_row", "raw_us_per_row"]
 SLOWDOWNS = ["strategy_slowdown_1k", "strategy_slowdown_5k", "queuehandler_slowdown_1k",
-             "queuehandler_slowdown_5k", "noop_logger_slowdown_5k", "strategy_slowdown_5k_wall"]
+             "queuehandler_slowdown_5k", "noop_logger_slowdown_5k"]
 
 
 def test_bench_json_has_every_figure():
