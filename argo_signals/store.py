@@ -112,8 +112,8 @@ def insert_params(rows: Sequence[tuple], created: str) -> List[Any]:
                 out[k::_WIDTH] = [null_of(None)] * n
             else:
                 out[k::_WIDTH] = map(null_of, col, col)
-        elif k == _TS:
-            out[k::_WIDTH] = map(str, col)   # a DefaultTimestamp bound as the plain str it is
+        elif k == _TS:   # a DefaultTimestamp bound as the plain str it is
+            out[k::_WIDTH] = [str(v) if type(v) is DefaultTimestamp else v for v in col]
         else:
             out[k::_WIDTH] = col
     return out

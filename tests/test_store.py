@@ -142,6 +142,14 @@ def test_missing_values_are_stored_as_null_also_under_an_application_float_adapt
         assert types == ("null",) * 6 + ("text",), sid
 
 
+def test_a_row_without_timestamp_is_refused_not_stored_as_text(conn):
+    row = list(finished({**GOOD, "signal_id": "no-ts"}))
+    row[FINISHED_FIELDS.index("timestamp")] = None  # NOT NULL
+    res = store.write_batch(conn, [finished({**GOOD, "signal_id": "ok"}), tuple(row)])
+    assert res.inserted == 1 and [r[0] for r in res.rejected_rows] == ["no-ts"]
+    assert conn.execute("SELECT count(*) FROM signals WHERE signal_id = 'no-ts'").fetchone() == (0,)
+
+
 def test_updates_apply_only_to_updatable_columns(conn):
     row = finished({**GOOD, "signal_id": "u"})
     res = store.write_batch(conn, [row], [("u", {"outcome": "win"}), ("nope", {"outcome": "x"}),
