@@ -52,11 +52,12 @@ _ROW = f"({', '.join('?' * len(_INSERT_COLUMNS))})"
 _INSERT_HEAD = f"INSERT OR IGNORE INTO signals ({', '.join(_INSERT_COLUMNS)}) VALUES "
 _INSERT_SQL = _INSERT_HEAD + _ROW  # one row: what the benchmark's executemany reference uses
 # Rows per multi-row INSERT: as many as the bound-parameter limit allows (32766 since SQLite
-# 3.32, 999 before), up to a default-size batch.  One statement per batch means one
-# sqlite3_step, so the GIL is dropped and re-taken once per statement instead of once per row
-# (executemany): with busy Python threads each re-take can wait the 5 ms switch interval.
+# 3.32, 999 before), up to 500.  One statement per few hundred rows means one sqlite3_step, so
+# the GIL is dropped and re-taken once per statement instead of once per row (executemany):
+# with busy Python threads each re-take can wait the 5 ms switch interval.  (Not more: the
+# sqlite3 module caches each prepared statement, about 1 MB per 500 rows.)
 _MAX_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
-ROWS_PER_STATEMENT = max(1, min(1000, _MAX_VARIABLES // len(_INSERT_COLUMNS)))
+ROWS_PER_STATEMENT = max(1, min(500, _MAX_VARIABLES // len(_INSERT_COLUMNS)))
 _multi_sql: Dict[int, str] = {}
 
 
