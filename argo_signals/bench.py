@@ -20,10 +20,11 @@ import threading
 import time
 import uuid
 from itertools import islice
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import sqlite_utils
 
+from .costbench import STAGES, stage_budget, strategy_slowdown
 from .demo import signals as demo_signals
 from .signal import FINISHED_FIELDS, finish, normalise
 from .stats import percentile
@@ -35,11 +36,16 @@ GOALS = {
     "e2e_vs_naive": (">=", 8.0),
     "log_signal_vs_queuehandler": ("<=", 0.4),
     "log_signal_p99_us": ("<=", 25.0),
+    "strategy_slowdown_1k": ("<=", 2.0),
+    "strategy_slowdown_5k": ("<=", 5.0),
     "sync_signals_per_s": (">=", 1000.0),
     "sync_vs_requests_ceiling": (">=", 0.9),
     "sync_backlog_drain_s": ("<=", 15.0),
 }
 PRODUCERS = 4
+# Parts of the run, for ``--only``: throughput (end-to-end and its references), producer cost,
+# the per-signal stage budget, the strategy slowdown, sync.
+SECTIONS = ("throughput", "producer", "stages", "slowdown", "sync")
 _DB = "bench.db"
 
 
@@ -316,8 +322,10 @@ def sync_backlog(tmp: str, url: str, sigs: List[Dict[str, Any]]) -> float:
 
 # -- the run -----------------------------------------------------------------------------------
 def run(n_signals: int = 20_000, repeat: int = 3, sync_signals: int = 1000, backlog: int = 10_000,
-        progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+        progress: Optional[Callable[[str], None]] = None, only: Optional[Sequence[str]] = None,
+        slowdown_seconds: float = 0.1, slowdown_pairs: int = 10) -> Dict[str, Any]:
     say = progress or (lambda msg: None)
+    parts = set(SECTIONS if not only else only)
     tmp = tempfile.mkdtemp(prefix="argo-bench-")
     med = statistics.median
     lib_log = logging.getLogger("argo_signals")
@@ -335,8 +343,20 @@ def run(n_signals: int = 20_000, repeat: int = 3, sync_signals: int = 1000, back
         def add(key: str, value: float) -> None:
             res.setdefault(key, []).append(value)
 
-        for i in range(repeat):
-            say(f"round {i + 1}/{repeat}: end-to-end, raw, naive, producer cost, durability")
+        for i in range(repeat if parts & {"throughput", "producer", "slowdown"} else 0):
+            if "slowdown" in parts:
+                say(f"round {i + 1}/{repeat}: strategy slowdown")
+                for k, v in strategy_slowdown(tmp, sigs, slowdown_seconds, slowdown_pairs).items():
+                    add(k, v)
+            if "producer" in parts:
+                say(f"round {i + 1}/{repeat}: producer cost")
+                for k, v in producer_cost(tmp, sigs).items():
+                    add(k, v)
+                for k, v in scrape_cost(tmp, sigs).items():
+                    add(k, v)
+            if "throughput" not in parts:
+                continue
+            say(f"round {i + 1}/{repeat}: end-to-end, raw, naive, durability")
             e = e2e(tmp, sigs)
             batch = max(1, int(round(e["avg_txn_rows"])))
             add("e2e_rows_per_s", e["rows_per_s"])
@@ -351,45 +371,61 @@ def run(n_signals: int = 20_000, repeat: int = 3, sync_signals: int = 1000, back
             e_full = e2e(tmp, sigs, durability="full")
             add("e2e_full_rows_per_s", e_full["rows_per_s"])
             add("raw_full_rows_per_s", raw(tmp, finished, max(1, int(round(e_full["avg_txn_rows"]))), "full"))
-            for k, v in producer_cost(tmp, sigs).items():
-                add(k, v)
-            for k, v in scrape_cost(tmp, sigs).items():
-                add(k, v)
 
-        receiver = _Receiver()
+        if "stages" in parts:
+            say("stage budget")
+            batch = int(round(med(res["e2e_avg_txn_rows"]))) if "e2e_avg_txn_rows" in res else 1000
+            for k, v in stage_budget(_fresh(tmp, "stages.db"), sigs, max(1, batch)).items():
+                add(f"stage_{k}_us", v)
+
+        receiver = _Receiver() if "sync" in parts else None
         try:
-            for i in range(repeat):
+            for i in range(repeat if receiver else 0):
+                assert receiver is not None
                 say(f"round {i + 1}/{repeat}: sync ({sync_signals} signals live)")
                 add("sync_signals_per_s", sync_live(tmp, receiver.url, _sample(sync_signals, seed=10 + i)))
                 add("requests_ceiling_per_s", requests_ceiling(receiver.url, _sample(sync_signals, seed=50 + i)))
-            # one drain of the whole backlog: itself an aggregate of `backlog` requests
-            say(f"sync backlog: {backlog} pending rows")
-            add("sync_backlog_drain_s", sync_backlog(tmp, receiver.url, _sample(backlog, seed=100)))
+            if receiver:
+                # one drain of the whole backlog: itself an aggregate of `backlog` requests
+                say(f"sync backlog: {backlog} pending rows")
+                add("sync_backlog_drain_s", sync_backlog(tmp, receiver.url, _sample(backlog, seed=100)))
         finally:
-            receiver.close()
+            if receiver:
+                receiver.close()
 
         r: Dict[str, Any] = {k: med(v) for k, v in res.items()}
-        r["e2e_vs_raw"] = r["e2e_rows_per_s"] / r["raw_rows_per_s"]
-        r["e2e_random_ids_vs_raw"] = r["e2e_random_ids_rows_per_s"] / r["raw_random_ids_rows_per_s"]
-        r["e2e_full_vs_raw_full"] = r["e2e_full_rows_per_s"] / r["raw_full_rows_per_s"]
-        r["full_vs_normal"] = r["e2e_full_rows_per_s"] / r["e2e_rows_per_s"]
-        r["e2e_vs_naive"] = r["e2e_rows_per_s"] / r["naive_rows_per_s"]
-        r["insert_all_vs_executemany"] = r["insert_all_rows_per_s"] / r["raw_rows_per_s"]
-        r["log_signal_vs_queuehandler"] = r["log_signal_p50_us"] / r["queuehandler_p50_us"]
-        r["log_signal_p99_vs_queuehandler_p99"] = r["log_signal_p99_us"] / r["queuehandler_p99_us"]
-        r["sync_vs_requests_ceiling"] = r["sync_signals_per_s"] / r["requests_ceiling_per_s"]
-        # what the bare session would need for the backlog's count, next to the drain's time
-        r["requests_ceiling_backlog_s"] = backlog / r["requests_ceiling_per_s"]
+        if "throughput" in parts:
+            r["e2e_vs_raw"] = r["e2e_rows_per_s"] / r["raw_rows_per_s"]
+            r["e2e_random_ids_vs_raw"] = r["e2e_random_ids_rows_per_s"] / r["raw_random_ids_rows_per_s"]
+            r["e2e_full_vs_raw_full"] = r["e2e_full_rows_per_s"] / r["raw_full_rows_per_s"]
+            r["full_vs_normal"] = r["e2e_full_rows_per_s"] / r["e2e_rows_per_s"]
+            r["e2e_vs_naive"] = r["e2e_rows_per_s"] / r["naive_rows_per_s"]
+            r["insert_all_vs_executemany"] = r["insert_all_rows_per_s"] / r["raw_rows_per_s"]
+            r["e2e_us_per_row"] = 1e6 / r["e2e_rows_per_s"]
+            r["raw_us_per_row"] = 1e6 / r["raw_rows_per_s"]
+        if "producer" in parts:
+            r["log_signal_vs_queuehandler"] = r["log_signal_p50_us"] / r["queuehandler_p50_us"]
+            r["log_signal_p99_vs_queuehandler_p99"] = r["log_signal_p99_us"] / r["queuehandler_p99_us"]
+        if "sync" in parts:
+            r["sync_vs_requests_ceiling"] = r["sync_signals_per_s"] / r["requests_ceiling_per_s"]
+            # what the bare session would need for the backlog's count, next to the drain's time
+            r["requests_ceiling_backlog_s"] = backlog / r["requests_ceiling_per_s"]
         r["params"] = {"signals": n_signals, "repeat": repeat, "sync_signals": sync_signals,
                        "backlog": backlog, "producers": PRODUCERS, "python": sys.version.split()[0],
-                       "sqlite": sqlite3.sqlite_version, "cpus": os.cpu_count()}
+                       "sqlite": sqlite3.sqlite_version, "cpus": os.cpu_count(),
+                       "sections": [p for p in SECTIONS if p in parts], "slowdown_pairs": slowdown_pairs,
+                       "slowdown_seconds": slowdown_seconds}
         r["goals"] = {k: {"goal": f"{op} {target:g}", "value": r[k],
                           "met": r[k] >= target if op == ">=" else r[k] <= target}
-                      for k, (op, target) in GOALS.items()}
+                      for k, (op, target) in GOALS.items() if k in r}
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
     finally:
         lib_log.setLevel(level)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_STAGE_NAMES = {"validate": "validate", "normalise_id": "normalise + id", "hash": "hash",
+                "row_build": "row build", "bind_step": "bind + step in SQLite", "handoff": "queue hand-off"}
 
 
 def format_report(r: Dict[str, Any]) -> str:
@@ -397,32 +433,59 @@ def format_report(r: Dict[str, Any]) -> str:
     lines = [
         f"argo-signals bench: {p['signals']} signals x {p['repeat']} rounds (medians), "
         f"{p['producers']} producers, Python {p['python']}, SQLite {p['sqlite']}, {p['cpus']} CPUs",
-        "",
-        f"{'throughput (rows/s)':34} {'library':>10} {'reference':>10} {'ratio':>7}",
-        f"{'end-to-end vs raw executemany':34} {r['e2e_rows_per_s']:>10,.0f} {r['raw_rows_per_s']:>10,.0f} {r['e2e_vs_raw']:>7.2f}",
-        f"{'  same, random uuid4 ids':34} {r['e2e_random_ids_rows_per_s']:>10,.0f} {r['raw_random_ids_rows_per_s']:>10,.0f} {r['e2e_random_ids_vs_raw']:>7.2f}",
-        f"{'  same, durability=full':34} {r['e2e_full_rows_per_s']:>10,.0f} {r['raw_full_rows_per_s']:>10,.0f} {r['e2e_full_vs_raw_full']:>7.2f}",
-        f"{'end-to-end vs naive insert()':34} {r['e2e_rows_per_s']:>10,.0f} {r['naive_rows_per_s']:>10,.0f} {r['e2e_vs_naive']:>7.1f}",
-        f"{'insert_all vs executemany':34} {r['insert_all_rows_per_s']:>10,.0f} {r['raw_rows_per_s']:>10,.0f} {r['insert_all_vs_executemany']:>7.2f}",
-        f"  (avg rows per transaction: {r['e2e_avg_txn_rows']:.0f}; fallback writes: {r['e2e_fallback_writes']:.0f}; "
-        f"full/normal: {r['full_vs_normal']:.2f})",
-        "",
-        f"{'producer cost (us per call)':34} {'p50':>10} {'p99':>10}",
-        f"{'log_signal()':34} {r['log_signal_p50_us']:>10.2f} {r['log_signal_p99_us']:>10.2f}",
-        f"{'logger.info via QueueHandler':34} {r['queuehandler_p50_us']:>10.2f} {r['queuehandler_p99_us']:>10.2f}",
-        f"{'queue.Queue.put_nowait':34} {r['put_nowait_p50_us']:>10.2f}",
-        *([f"{'log_signal(), no metrics scrape':34} {r['log_signal_p50_us_unscraped']:>10.2f} {r['log_signal_p99_us_unscraped']:>10.2f}",
-           f"{'log_signal(), scraped in a loop':34} {r['log_signal_p50_us_scraped']:>10.2f} {r['log_signal_p99_us_scraped']:>10.2f}"
-           f"  ({r['scrapes_per_s']:,.0f} scrapes/s)"] if "scrapes_per_s" in r else []),
-        "",
-        f"sync: {r['sync_signals_per_s']:,.0f} signals/s delivered; "
-        f"{p['backlog']}-row backlog drained in {r['sync_backlog_drain_s']:.1f} s "
-        f"(the bare session below: {r['requests_ceiling_backlog_s']:.1f} s for as many requests)",
-        f"  (a bare single-thread requests.Session posting the same bodies: "
-        f"{r['requests_ceiling_per_s']:,.0f}/s; ratio {r['sync_vs_requests_ceiling']:.2f})",
-        "",
-        f"{'goal':30} {'target':>10} {'measured':>10}  met",
     ]
+    if "e2e_vs_raw" in r:
+        lines += [
+            "",
+            f"{'throughput (rows/s)':34} {'library':>10} {'reference':>10} {'ratio':>7}",
+            f"{'end-to-end vs raw executemany':34} {r['e2e_rows_per_s']:>10,.0f} {r['raw_rows_per_s']:>10,.0f} {r['e2e_vs_raw']:>7.2f}",
+            f"{'  same, random uuid4 ids':34} {r['e2e_random_ids_rows_per_s']:>10,.0f} {r['raw_random_ids_rows_per_s']:>10,.0f} {r['e2e_random_ids_vs_raw']:>7.2f}",
+            f"{'  same, durability=full':34} {r['e2e_full_rows_per_s']:>10,.0f} {r['raw_full_rows_per_s']:>10,.0f} {r['e2e_full_vs_raw_full']:>7.2f}",
+            f"{'end-to-end vs naive insert()':34} {r['e2e_rows_per_s']:>10,.0f} {r['naive_rows_per_s']:>10,.0f} {r['e2e_vs_naive']:>7.1f}",
+            f"{'insert_all vs executemany':34} {r['insert_all_rows_per_s']:>10,.0f} {r['raw_rows_per_s']:>10,.0f} {r['insert_all_vs_executemany']:>7.2f}",
+            f"  (avg rows per transaction: {r['e2e_avg_txn_rows']:.0f}; fallback writes: {r['e2e_fallback_writes']:.0f}; "
+            f"full/normal: {r['full_vs_normal']:.2f})",
+        ]
+    if "stage_total_us" in r:
+        lines += ["", f"{'stage budget (us per signal)':34} {'us':>10}"]
+        lines += [f"{'  ' + _STAGE_NAMES[k]:34} {r[f'stage_{k}_us']:>10.2f}" for k in STAGES]
+        lines.append(f"{'  sum of the stages':34} {r['stage_total_us']:>10.2f}")
+        if "e2e_us_per_row" in r:
+            lines.append(f"{'  end-to-end / raw executemany':34} {r['e2e_us_per_row']:>10.2f} {r['raw_us_per_row']:>10.2f}")
+    if "log_signal_vs_queuehandler" in r:
+        lines += [
+            "",
+            f"{'producer cost (us per call)':34} {'p50':>10} {'p99':>10}",
+            f"{'log_signal()':34} {r['log_signal_p50_us']:>10.2f} {r['log_signal_p99_us']:>10.2f}",
+            f"{'logger.info via QueueHandler':34} {r['queuehandler_p50_us']:>10.2f} {r['queuehandler_p99_us']:>10.2f}",
+            f"{'queue.Queue.put_nowait':34} {r['put_nowait_p50_us']:>10.2f}",
+            *([f"{'log_signal(), no metrics scrape':34} {r['log_signal_p50_us_unscraped']:>10.2f} {r['log_signal_p99_us_unscraped']:>10.2f}",
+               f"{'log_signal(), scraped in a loop':34} {r['log_signal_p50_us_scraped']:>10.2f} {r['log_signal_p99_us_scraped']:>10.2f}"
+               f"  ({r['scrapes_per_s']:,.0f} scrapes/s)"] if "scrapes_per_s" in r else []),
+        ]
+    if "strategy_slowdown_5k" in r:
+        lines += ["", f"{'strategy slowdown (% of its speed)':40} {'library':>10} {'reference':>10} {'no-op':>7}"]
+        for k in ("1k", "5k"):
+            lines.append(f"{'  ' + k + ' signals/s logged beside it':40} {r['strategy_slowdown_' + k]:>9.1f}% "
+                         f"{r['queuehandler_slowdown_' + k]:>9.1f}% {r['noop_logger_slowdown_' + k]:>6.1f}%")
+        for k in ("1k", "5k"):
+            lines.append(f"{'  CPU of the logging threads, ' + k:40} {r['strategy_cpu_us_' + k]:>8.1f}us "
+                         f"{r['queuehandler_cpu_us_' + k]:>8.1f}us {r['noop_logger_cpu_us_' + k]:>5.1f}us")
+        lines.append(f"  (reference: QueueHandler + QueueListener, executemany every 50 records; no-op: a logger "
+                     f"that does nothing, the measurement's floor; rates reached: library "
+                     f"{r['strategy_rate_1k']:,.0f}/{r['strategy_rate_5k']:,.0f}, reference "
+                     f"{r['queuehandler_rate_1k']:,.0f}/{r['queuehandler_rate_5k']:,.0f} per s; speeds per wall second; "
+                     f"CPU: of the process's other threads, per signal logged)")
+    if "sync_vs_requests_ceiling" in r:
+        lines += [
+            "",
+            f"sync: {r['sync_signals_per_s']:,.0f} signals/s delivered; "
+            f"{p['backlog']}-row backlog drained in {r['sync_backlog_drain_s']:.1f} s "
+            f"(the bare session below: {r['requests_ceiling_backlog_s']:.1f} s for as many requests)",
+            f"  (a bare single-thread requests.Session posting the same bodies: "
+            f"{r['requests_ceiling_per_s']:,.0f}/s; ratio {r['sync_vs_requests_ceiling']:.2f})",
+        ]
+    lines += ["", f"{'goal':30} {'target':>10} {'measured':>10}  met"]
     for k, g in r["goals"].items():
         lines.append(f"{k:30} {g['goal']:>10} {g['value']:>10.2f}  {'yes' if g['met'] else 'NO'}")
     return "\n".join(lines)

@@ -886,14 +886,20 @@ def verify(db_path: str, as_json: bool) -> None:
 @click.option("--repeat", type=POSITIVE, default=3, show_default=True, help="Repetitions (the median is reported).")
 @click.option("--sync-signals", type=COUNT, default=1000, show_default=True, help="Signals per live sync measurement.")
 @click.option("--backlog", type=COUNT, default=10_000, show_default=True, help="Pending rows for the backlog drain (measured once).")
+@click.option("--only", multiple=True, type=click.Choice(["throughput", "producer", "stages", "slowdown", "sync"]),
+              help="Run only these parts (repeatable); default: all.")
+@click.option("--slowdown-pairs", type=POSITIVE, default=10, show_default=True,
+              help="Alone/loaded pairs of 0.1 s spins per rate and round for the strategy slowdown.")
 @json_option
 @quiet_option
-def bench(n_signals: int, repeat: int, sync_signals: int, backlog: int, as_json: bool, quiet: bool) -> None:
+def bench(n_signals: int, repeat: int, sync_signals: int, backlog: int, only: Tuple[str, ...],
+          slowdown_pairs: int, as_json: bool, quiet: bool) -> None:
     """Measure log_signal() cost and rows/s side by side with raw sqlite3 and the naive way."""
     from .bench import format_report, run
 
     report = run(n_signals=n_signals, repeat=repeat, sync_signals=sync_signals, backlog=backlog,
-                 progress=None if quiet else (lambda msg: click.echo(msg, err=True)))
+                 progress=None if quiet else (lambda msg: click.echo(msg, err=True)), only=only,
+                 slowdown_pairs=slowdown_pairs)
     _emit(report, as_json, format_report(report))
 
 

@@ -34,6 +34,8 @@ __all__ = [
     "RESERVED_COLUMNS",
     "recheck",
     "MAX_METADATA_DEPTH",
+    "default_timestamp",
+    "hash_row",
 ]
 
 
@@ -226,9 +228,8 @@ def normalise(signal: Mapping[str, Any]) -> tuple:
         raise TypeError(f"a signal must be a mapping, got {type(signal).__name__}")
     get = signal.get
     symbol = get("symbol")
-    if type(symbol) is not str or not symbol.strip():
-        raise SignalValidationError("symbol", f"must be a non-empty string, got {symbol!r}")
-    symbol = symbol.strip()
+    if type(symbol) is not str or not (symbol := symbol.strip()):
+        raise SignalValidationError("symbol", f"must be a non-empty string, got {get('symbol')!r}")
     if not symbol.isascii():
         _text("symbol", symbol)
     action = get("action")
@@ -280,9 +281,11 @@ def normalise(signal: Mapping[str, Any]) -> tuple:
         _text("asset_type", asset_type)
 
     texts = tuple(map(get, _TEXT_FIELDS))
-    for name, v in zip(_TEXT_FIELDS, texts):
+    for v in texts:   # None or ASCII str passes; anything else is checked naming its field
         if v is not None and (type(v) is not str or not v.isascii()):
-            _text(name, v)
+            for name, value in zip(_TEXT_FIELDS, texts):
+                _text(name, value)
+            break
     regime, reasoning, service_type, executor_id, generated_by, order_id, outcome, data_source = texts
     exit_price = get("exit_price")
     if exit_price is not None:
@@ -453,7 +456,7 @@ def _hash_text(signal_id: str, symbol: str, action: str, entry_price: float,
                target_price: Optional[float], stop_price: Optional[float], confidence: float,
                strategy: str, timestamp: str) -> str:
     """``json.dumps(fields, sort_keys=True)`` for str fields and float numbers, built directly."""
-    return (f'{{"action": {_esc(action)}, "confidence": {confidence!r}, '
+    return (f'{{"action": {_ACTION_JSON.get(action) or _esc(action)}, "confidence": {confidence!r}, '
             f'"entry_price": {entry_price!r}, "signal_id": {_esc(signal_id)}, '
             f'"stop_price": {"null" if stop_price is None else repr(stop_price)}, '
             f'"strategy": {_esc(strategy)}, "symbol": {_esc(symbol)}, '
@@ -461,17 +464,30 @@ def _hash_text(signal_id: str, symbol: str, action: str, entry_price: float,
             f'"timestamp": {_esc(timestamp)}}}')
 
 
+_ACTION_JSON = {a: _esc(a) for a in _ACTIONS.values()}
 _ts_cache: Tuple[int, str] = (-1, "")
 
 
 def _utc_iso(ts: float) -> str:
     """Epoch seconds as ``YYYY-MM-DDTHH:MM:SS.ffffff+00:00`` (the seconds part is cached)."""
     global _ts_cache
-    sec, us = divmod(int(round(ts * 1_000_000)), 1_000_000)
+    sec, us = divmod(round(ts * 1_000_000), 1_000_000)
     cached = _ts_cache
     if cached[0] != sec:
         cached = _ts_cache = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
     return f"{cached[1]}.{us:06d}+00:00"
+
+
+def default_timestamp(ts: float) -> DefaultTimestamp:
+    """The timestamp ``finish()`` fills in for a signal logged at ``ts`` (epoch seconds)."""
+    return DefaultTimestamp(_utc_iso(ts))
+
+
+def hash_row(row: tuple) -> str:
+    """The sha256 ``finish()`` appends: ``row`` is normalised, its timestamp already text."""
+    sid, symbol, action, entry, target, stop, confidence, strategy = row[:8]
+    text = _hash_text(sid, symbol, action, entry, target, stop, confidence, strategy, row[10])
+    return _sha256(text.encode()).hexdigest()
 
 
 def finish(row: tuple) -> tuple:
@@ -480,11 +496,11 @@ def finish(row: tuple) -> tuple:
     ``row`` comes from ``normalise()`` (floats, upper-case action, str fields), so the hash
     text is built directly; ``alpine_hash()`` is the general form and the tests hold the two equal.
     """
-    ts = row[10]
+    sid, symbol, action, entry, target, stop, confidence, strategy, _, _, ts = row[:11]
     if type(ts) is float:
         ts = DefaultTimestamp(_utc_iso(ts))
-        row = row[:10] + (ts,) + row[11:]
-    sid, symbol, action, entry, target, stop, confidence, strategy = row[:8]
+        text = _hash_text(sid, symbol, action, entry, target, stop, confidence, strategy, ts)
+        return (*row[:10], ts, *row[11:], _sha256(text.encode()).hexdigest())
     text = _hash_text(sid, symbol, action, entry, target, stop, confidence, strategy, ts)
     return row + (_sha256(text.encode()).hexdigest(),)
 

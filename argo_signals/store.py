@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import sqlite3
@@ -22,8 +23,8 @@ import sqlite_utils
 from .signal import FINISHED_FIELDS, UPDATABLE, DefaultTimestamp
 
 __all__ = ["connect", "connect_readonly", "readonly_uri", "SYNC_STATUSES", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
-           "SIGNAL_COLUMNS", "utc_now", "status_counts", "claim_due", "reclaim", "settle", "settle_many",
-           "release", "settle_refused", "file_token",
+           "SIGNAL_COLUMNS", "utc_now", "insert_sql", "insert_params", "status_counts", "claim_due", "reclaim",
+           "settle", "settle_many", "release", "settle_refused", "file_token",
            "reset_status", "waiting_summary", "overdue_waiting"]
 
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}
@@ -51,19 +52,72 @@ _ROW = f"({', '.join('?' * len(_INSERT_COLUMNS))})"
 _INSERT_HEAD = f"INSERT OR IGNORE INTO signals ({', '.join(_INSERT_COLUMNS)}) VALUES "
 _INSERT_SQL = _INSERT_HEAD + _ROW  # one row: what the benchmark's executemany reference uses
 # Rows per multi-row INSERT: as many as the bound-parameter limit allows (32766 since SQLite
-# 3.32, 999 before).  One statement per few hundred rows means one sqlite3_step, so the GIL
-# is dropped and re-taken once per statement instead of once per row (executemany): with
-# busy producer threads the per-row hand-offs cost up to the 5 ms switch interval each.
+# 3.32, 999 before), up to 500.  One statement per few hundred rows means one sqlite3_step, so
+# the GIL is dropped and re-taken once per statement instead of once per row (executemany):
+# with busy Python threads each re-take can wait the 5 ms switch interval.  (Not more: the
+# sqlite3 module caches each prepared statement, about 1 MB per 500 rows.)
 _MAX_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 ROWS_PER_STATEMENT = max(1, min(500, _MAX_VARIABLES // len(_INSERT_COLUMNS)))
 _multi_sql: Dict[int, str] = {}
 
 
-def _insert_sql(n: int) -> str:
+def insert_sql(n: int) -> str:
+    """The statement inserting ``n`` rows (bind values from ``insert_params()``)."""
     sql = _multi_sql.get(n)
     if sql is None:
         sql = _multi_sql[n] = _INSERT_HEAD + ", ".join([_ROW] * n)
     return sql
+
+
+def _nan_binds_as_null() -> bool:
+    conn = sqlite3.connect(":memory:")
+    try:
+        return conn.execute("SELECT ? IS NULL", (math.nan,)).fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
+# What a NULL is bound as.  The sqlite3 module binds an exact int, float or str directly, but
+# passes None (and a str subclass such as DefaultTimestamp) through its adapter lookup first,
+# which costs about ten times as much per value (CPython 3.11: ~1 us against ~0.1 us); a row
+# has ten or more NULLs.  SQLite stores a NaN bound as a double as NULL (checked here once;
+# the library never stores a NaN, it refuses them), so NaN is bound where None stands.
+_NULL: Any = math.nan if _nan_binds_as_null() else None
+_NULL_OF: Callable[..., Any] = {None: _NULL}.get   # _NULL_OF(v, v): the bind value of v (C-level, no Python step)
+_AS_IS: Callable[..., Any] = {None: None}.get
+_FLOAT_ADAPTER = (float, sqlite3.PrepareProtocol)
+_WIDTH = len(_INSERT_COLUMNS)
+_TS = FINISHED_FIELDS.index("timestamp")
+# Columns that are often NULL.  Only a fast path: a None elsewhere is bound as None, which
+# SQLite stores as NULL all the same (or refuses, for a NOT NULL column).
+_OPTIONAL = frozenset(FINISHED_FIELDS.index(c) for c in (
+    "target_price", "stop_price", "data_source", "regime", "reasoning", "service_type", "executor_id",
+    "generated_by", "order_id", "outcome", "exit_price", "profit_loss_pct", "metadata"))
+
+
+def insert_params(rows: Sequence[tuple], created: str) -> List[Any]:
+    """The bind values of ``insert_sql(len(rows))`` for finished rows stamped ``created``.
+
+    Built column by column in C-level steps: an optional column that is all NULL (the usual
+    case for most of them) costs one comparison and one list repeat."""
+    n = len(rows)
+    out: List[Any] = [created] * (n * _WIDTH)
+    if not n:
+        return out
+    # a float adapter registered by the application would be handed our NaN: bind None then
+    null_of = _NULL_OF if _FLOAT_ADAPTER not in sqlite3.adapters else _AS_IS
+    all_null = (None,) * n
+    for k, col in enumerate(zip(*rows)):
+        if k in _OPTIONAL:
+            if col == all_null:
+                out[k::_WIDTH] = [null_of(None)] * n
+            else:
+                out[k::_WIDTH] = map(null_of, col, col)
+        elif k == _TS:   # a DefaultTimestamp bound as the plain str it is
+            out[k::_WIDTH] = [str(v) if type(v) is DefaultTimestamp else v for v in col]
+        else:
+            out[k::_WIDTH] = col
+    return out
 
 
 def utc_now() -> str:
@@ -196,7 +250,7 @@ def write_batch(conn: sqlite3.Connection, rows: Sequence[tuple],
     result = BatchResult()
     created = utc_now()
     with _immediate(conn):
-        _insert(conn, [r + (created,) for r in rows], result)
+        _insert(conn, list(rows), created, result)
         if rows and conn.execute("SELECT 1 FROM waiting_updates LIMIT 1").fetchone() is not None:
             _apply_waiting(conn, [r[0] for r in rows], result)
         now = time.time()
@@ -277,28 +331,34 @@ def _store_rejected(conn: sqlite3.Connection, result: BatchResult, created: str)
             result.unstored_rejections += 1
 
 
-def _insert(conn: sqlite3.Connection, rows: List[tuple], result: BatchResult) -> None:
+def _insert(conn: sqlite3.Connection, rows: List[tuple], created: str, result: BatchResult) -> None:
     if not rows:
         return
     before = conn.total_changes
+    # one statement is undone as a whole when it fails: a savepoint is needed only for several
+    single = len(rows) <= ROWS_PER_STATEMENT
     try:
-        conn.execute("SAVEPOINT batch")
-        step = ROWS_PER_STATEMENT
-        for i in range(0, len(rows), step):
-            chunk = rows[i:i + step]
-            conn.execute(_insert_sql(len(chunk)), [v for r in chunk for v in r])
-        conn.execute("RELEASE batch")
+        if single:
+            conn.execute(insert_sql(len(rows)), insert_params(rows, created))
+        else:
+            conn.execute("SAVEPOINT batch")
+            step = ROWS_PER_STATEMENT
+            for i in range(0, len(rows), step):
+                chunk = rows[i:i + step]
+                conn.execute(insert_sql(len(chunk)), insert_params(chunk, created))
+            conn.execute("RELEASE batch")
     except Exception as exc:
         if is_environment_error(exc) or not conn.in_transaction:
             raise  # SQLite may already have rolled the whole transaction back (e.g. SQLITE_FULL)
-        conn.execute("ROLLBACK TO batch")
-        conn.execute("RELEASE batch")
+        if not single:
+            conn.execute("ROLLBACK TO batch")
+            conn.execute("RELEASE batch")
         if len(rows) == 1:
             _reject(result, rows[0], f"refused by the database: {type(exc).__name__}: {exc}")
             return
         mid = len(rows) // 2
-        _insert(conn, rows[:mid], result)
-        _insert(conn, rows[mid:], result)
+        _insert(conn, rows[:mid], created, result)
+        _insert(conn, rows[mid:], created, result)
         return
     inserted = conn.total_changes - before
     result.inserted += inserted

@@ -125,6 +125,31 @@ def test_a_row_the_database_refuses_is_rejected_alone(conn):
     assert "refused by the database" in res.rejected_rows[0][1]
 
 
+def test_missing_values_are_stored_as_null_also_under_an_application_float_adapter(conn):
+    row = finished({**GOOD, "signal_id": "plain"})  # target, stop, regime, metadata... missing
+    optional = "target_price, stop_price, regime, reasoning, exit_price, metadata"
+    store.write_batch(conn, [row])
+    seen = []
+    sqlite3.register_adapter(float, lambda x: seen.append(x) or x)
+    try:
+        store.write_batch(conn, [finished({**GOOD, "signal_id": "adapted"})])
+    finally:
+        del sqlite3.adapters[(float, sqlite3.PrepareProtocol)]
+    assert seen and not any(math.isnan(x) for x in seen)
+    for sid in ("plain", "adapted"):
+        types = conn.execute(f"SELECT {', '.join(f'typeof({c})' for c in optional.split(', '))}, "
+                             "typeof(timestamp) FROM signals WHERE signal_id = ?", (sid,)).fetchone()
+        assert types == ("null",) * 6 + ("text",), sid
+
+
+def test_a_row_without_timestamp_is_refused_not_stored_as_text(conn):
+    row = list(finished({**GOOD, "signal_id": "no-ts"}))
+    row[FINISHED_FIELDS.index("timestamp")] = None  # NOT NULL
+    res = store.write_batch(conn, [finished({**GOOD, "signal_id": "ok"}), tuple(row)])
+    assert res.inserted == 1 and [r[0] for r in res.rejected_rows] == ["no-ts"]
+    assert conn.execute("SELECT count(*) FROM signals WHERE signal_id = 'no-ts'").fetchone() == (0,)
+
+
 def test_updates_apply_only_to_updatable_columns(conn):
     row = finished({**GOOD, "signal_id": "u"})
     res = store.write_batch(conn, [row], [("u", {"outcome": "win"}), ("nope", {"outcome": "x"}),
