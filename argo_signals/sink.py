@@ -26,7 +26,7 @@ from . import spill
 from .config import Config
 from .signal import FIELDS, finish
 from .stats import Stats
-from .store import BatchResult, connect, ensure_schema, is_environment_error, write_batch
+from .store import BatchResult, ForeignDatabaseError, connect, ensure_schema, is_environment_error, write_batch
 
 log = logging.getLogger("argo_signals")
 
@@ -67,6 +67,8 @@ class SQLiteSink:
                 raise FileNotFoundError(f"cannot use {what} {path}: directory {folder} does not exist")
         try:
             self._connection()
+        except ForeignDatabaseError:
+            raise  # names the file already; never retried into a spill at the start
         except (sqlite3.Error, OSError) as exc:
             raise OSError(f"cannot open database {self.config.db_path}: {exc}") from exc
 
