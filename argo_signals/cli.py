@@ -785,7 +785,7 @@ def report(db_path: str, out_path: str, since: Optional[str], strategy: Optional
     except OSError as exc:
         raise click.ClickException(f"cannot write {out_path}: {exc.strerror or exc}") from None
     path = os.path.abspath(out_path)
-    click.echo(path)
+    click.echo(escape_controls(path))
     if open_it:
         import pathlib
         import webbrowser

@@ -50,7 +50,7 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _MAX_FLOAT = "1.7976931348623157e308"
 _EARLIEST = "1970-01-01T00:00:00+00:00"   # created_at before this, or more than a year ahead
 _AHEAD = timedelta(days=366)              # of now, is a time the report does not place
-_PLACED = "(typeof(created_at) = 'text' AND julianday(created_at) BETWEEN :earliest_jd AND :latest_jd)"
+_PLACED = "(julianday(created_at) BETWEEN :earliest_jd AND :latest_jd)"  # NULL for a BLOB or no date
 
 
 def _finite(column: str) -> str:
@@ -260,14 +260,15 @@ def _collect(conn: sqlite3.Connection, db_path: str, since_dt: Optional[datetime
     if strategy is not None:
         clauses.append("strategy = :strategy")
         params["strategy"] = strategy
-    where = " AND ".join(clauses)
+    where = " AND ".join(c for c in clauses if c != "1") or "created_at IS NOT NULL"
 
     if since_dt is not None:
         last = conn.execute(f"SELECT max(created_at) FROM signals WHERE {guards.placed}", params).fetchone()[0]
         start, end = since_dt, max(now, _placed_time(conn, last) or now)
     else:
-        first, last = conn.execute(f"SELECT min(created_at), max(created_at) FROM signals WHERE {where}",
-                                   params).fetchone()
+        # one subquery each: SQLite answers a lone min() or max() from the created_at index
+        first, last = conn.execute(f"SELECT (SELECT min(created_at) FROM signals WHERE {where}), "
+                                   f"(SELECT max(created_at) FROM signals WHERE {where})", params).fetchone()
         start, end = _placed_time(conn, first) or now, _placed_time(conn, last) or now
         start = min(start, end)
     start_ms, end_ms = _epoch_ms(start), _epoch_ms(end)
@@ -490,6 +491,8 @@ def _quality(conn: sqlite3.Connection, where: str, params: Dict[str, Any], bucke
     mine = f"strategy IN ({', '.join(f':top{k}' for k in range(len(values)))})" if values else "0"
     if len(values) < len(shown):
         mine += " OR strategy IS NULL"
+    if len(raws) <= top:
+        mine = "1"  # every strategy has its own line: no test per row
     top_params = {f"top{k}": v for k, v in enumerate(values)}
     cumulative: Dict[Any, List[Dict[str, Any]]] = {}
     other: List[Dict[str, Any]] = []
