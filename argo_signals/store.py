@@ -199,8 +199,12 @@ def _create_schema(conn: sqlite3.Connection) -> None:
 def _mark(conn: sqlite3.Connection) -> None:
     """Set the marker last: a database with it has the whole schema."""
     if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
-        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        try:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.OperationalError as exc:
+            if "readonly" not in str(exc).lower():
+                raise  # (a read-only file from before the marker keeps working unmarked)
 
 
 def is_environment_error(exc: BaseException) -> bool:

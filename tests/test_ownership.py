@@ -138,3 +138,4 @@ def test_readers_read_a_foreign_signals_table_without_writing(tmp_path):
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["health"]["signals"] == 1
     assert digest(db) == before
+
