@@ -100,8 +100,8 @@ def json_safe(value: Any) -> Any:
     "NaN" (RFC 8259 JSON has no such numbers)."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, dict):  # keys too: an action or a strategy stored as -Inf is a key
+        return {json_safe(k) if isinstance(k, float) else k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value

@@ -105,3 +105,21 @@ def test_many_strategies_show_the_top_and_sum_the_rest(db, tmp_path):
     assert len(shown) == 6 and shown["big"][0] == "3"
     assert shown["other (1496 strategies)"][0] == "1496"
     assert len(page.keyed("t-cumulative")) == 6
+
+
+def test_numbers_where_names_belong_stay_valid_json(tmp_path):
+    db = tmp_path / "typeless.db"  # another program's table without column types: floats stay floats
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE signals (id INTEGER PRIMARY KEY, signal_id, symbol, action, entry_price, confidence, "
+                 "strategy, timestamp, sha256, sync_status, created_at, outcome, profit_loss_pct, synced_at, sync_error)")
+    conn.execute("INSERT INTO signals (signal_id, symbol, action, entry_price, confidence, strategy, timestamp, "
+                 "sha256, sync_status, created_at, outcome, profit_loss_pct) VALUES ('a', 'X', ?, 1, 50, ?, "
+                 "'2026-01-01T09:00:00+00:00', 'h', ?, '2026-01-01T09:00:01+00:00', 'win', 1.0)",
+                 (float("-inf"), float("inf"), float("nan")))
+    conn.commit()
+    conn.close()
+    r = cli("report", "--db", db, "--json")
+    assert r.exit_code == 0, r.stderr
+    data = strict_json(r.stdout)
+    assert data["health"]["by_action"]["-Infinity"] == 1
+    assert data["foreign"]["action"]["examples"] == ["-Infinity"]
