@@ -29,7 +29,7 @@ from .safetext import escape_controls
 from .signal import FIELDS, HASH_FIELDS, RESERVED_COLUMNS, SignalValidationError, alpine_hash, normalise, recheck
 from .sink import UNSAVED_PREFIX
 from .stats import percentile
-from .store import SYNC_STATUSES, connect_readonly
+from .store import SYNC_STATUSES, ForeignDatabaseError, connect_readonly
 from .tracker import SignalTracker, default_db_path, sync_state, waiting_state
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -130,7 +130,41 @@ def _open_existing(db_path: str) -> sqlite3.Connection:
     return conn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The group: what ends a command early (a database of another program, an output that
+    cannot be written, any message) is one line with control characters escaped, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a full disk or a closed pipe on stdout shows here, not at exit
+            return result
+        except click.ClickException as exc:
+            exc.message = escape_controls(exc.message)  # type: ignore[misc]  # (keeps its exit code)
+            raise
+        except ForeignDatabaseError as exc:
+            raise click.ClickException(escape_controls(exc)) from None
+        except OSError as exc:
+            _quiet_stdout()
+            where = f" {os.fsdecode(exc.filename)}" if exc.filename else ""
+            raise click.ClickException(escape_controls(f"cannot go on{where}: {exc.strerror or exc}")) from None
+
+
+def _quiet_stdout() -> None:
+    """After stdout failed: point it at /dev/null so that the flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="argo-signals")
 @click.option("--verbose", "-v", is_flag=True, help="Log INFO messages too (default: warnings and errors).")
 @click.option("--db", "db_path", default=None, metavar="PATH", show_default=_DB_DEFAULT,
@@ -386,24 +420,30 @@ def _r(v: Optional[float]) -> Optional[float]:
                    "ingesting the same file again adds nothing.")
 @click.option("--raw", is_flag=True, help="CSV: take cells literally (do not undo the ' that export adds).")
 @click.option("--strict", is_flag=True, help="Stop at the first bad line.")
+@click.option("--allow-rejects", is_flag=True,
+              help="Exit 0 even when lines were skipped or rows refused (they are still reported).")
 @json_option
 @quiet_option
 def ingest(source: io.BufferedIOBase, db_path: str, as_csv: bool, dedupe: bool, raw: bool, strict: bool,
-           as_json: bool, quiet: bool) -> None:
+           allow_rejects: bool, as_json: bool, quiet: bool) -> None:
     """Load signals from JSON Lines (or CSV) FILE, or - for stdin, through log_signal().
 
     Lines that close() printed as 'argo-signals-unsaved: {...}' (when neither the database
-    nor the spill file could be written) are read as they are, prefix included."""
+    nor the spill file could be written) are read as they are, prefix included.
+
+    Exit 1 when a line was skipped or a row refused (unless --allow-rejects), or when not
+    everything reached the database; exit 130 on Ctrl-C, after saying what was committed."""
     lines: Iterable[Tuple[int, Union[str, Exception]]] = _decoded_lines(source)
     if not as_csv:
         first, lines = _first_line(lines)
         if first is not None and _looks_like_csv_header(first[1]):
             raise click.ClickException(
                 f"line {first[0]} of {getattr(source, 'name', 'SOURCE')} looks like a CSV header "
-                f"({first[1].strip()[:60]}): pass --csv to read CSV")
+                f"({escape_controls(first[1].strip()[:60])}): pass --csv to read CSV")
     records = _csv_records(lines, raw) if as_csv else _jsonl_records(lines)
-    good = bad = 0
-    with SignalTracker(db_path, register_atexit=False) as tracker:
+    good = bad = lineno = 0
+    tracker = SignalTracker(db_path, register_atexit=False)
+    try:
         with _progress(None, "ingesting", quiet) as bar:
             for lineno, record in records:
                 try:
@@ -419,20 +459,43 @@ def ingest(source: io.BufferedIOBase, db_path: str, as_csv: bool, dedupe: bool, 
                         signal["signal_id"] = content_id(signal)
                     tracker.log_signal(signal)
                     good += 1
-                except (SignalValidationError, TypeError, ValueError) as exc:
+                except (SignalValidationError, TypeError, ValueError, RecursionError) as exc:
                     bad += 1
-                    click.echo(f"line {lineno}: {exc}", err=True)
+                    why = "nested too deeply; line skipped" if isinstance(exc, RecursionError) else exc
+                    click.echo(f"line {lineno}: {escape_controls(why)}", err=True)
                     if strict:
                         break
                 bar.update(1)
         ok = tracker.flush(60)
-        st = tracker.stats()
+    except KeyboardInterrupt:
+        tracker.close()  # what was handed over before Ctrl-C is committed (or spilled) now
+        _interrupted(tracker.stats(), db_path, lineno, dedupe)
+    finally:
+        tracker.close()
+    st = tracker.stats()
     summary = {"accepted": good, "bad_lines": bad, "persisted": st["persisted"],
                "already_stored": st["duplicates"], "rejected": st["rejected"], "flushed": ok}
     _emit(summary, as_json, f"{good} accepted ({st['persisted']} new, {st['duplicates']} already stored, "
                             f"{st['rejected']} rejected), {bad} bad lines")
-    if bad or not ok:
+    if not ok:
         sys.exit(1)
+    if (bad or st["rejected"]) and not allow_rejects:
+        click.echo(f"exit 1: {bad} lines skipped and {st['rejected']} rows refused "
+                   "(see rejected_signals; --allow-rejects exits 0 for them)", err=True)
+        sys.exit(1)
+
+
+def _interrupted(st: Dict[str, Any], db_path: str, lineno: int, dedupe: bool) -> None:
+    """Ctrl-C during ingest: say what is in the database and how to go on safely; exit 130."""
+    text = (f"interrupted: {st['persisted']} rows committed to {db_path} ({st['duplicates']} were already there, "
+            f"{st['rejected']} refused, {st['spill_pending']} waiting in the spill file) from lines 1-{lineno}; ")
+    if dedupe:
+        text += "running the same command again is safe: with --dedupe rows already stored are not added twice"
+    else:
+        text += (f"rows without a signal_id got new ids, so running this again would store them twice: go on from "
+                 f"line {lineno + 1}, and pass --dedupe to make a rerun safe")
+    click.echo(escape_controls(text), err=True)
+    sys.exit(130)
 
 
 _DEDUPE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "argo-signals:ingest")
@@ -461,9 +524,35 @@ def _strip_stored(record: Dict[str, Any]) -> Dict[str, Any]:
 Line = Tuple[int, Union[str, Exception]]
 
 
-def _decoded_lines(source: Iterable[bytes]) -> Iterator[Line]:
-    """(line number, text) per line; a line that is not UTF-8 comes as a ValueError instead."""
-    for lineno, data in enumerate(source, 1):
+MAX_LINE = 1 << 20  # bytes: a longer line is skipped (and read past) without holding it
+
+
+def _raw_lines(source: Any) -> Iterator[Tuple[int, Union[bytes, Exception]]]:
+    """(line number, bytes) per line; a line longer than ``MAX_LINE`` comes as a ValueError."""
+    lineno = 0
+    while True:
+        data = source.readline(MAX_LINE + 1)
+        if not data:
+            return
+        lineno += 1
+        if len(data) > MAX_LINE and not data.endswith(b"\n"):
+            size = len(data)
+            while not data.endswith(b"\n"):
+                data = source.readline(1 << 16)
+                if not data:
+                    break
+                size += len(data)
+            yield lineno, ValueError(f"longer than {MAX_LINE} bytes ({size} bytes); line skipped")
+            continue
+        yield lineno, data
+
+
+def _decoded_lines(source: Any) -> Iterator[Line]:
+    """(line number, text) per line; a line that is not UTF-8 or too long comes as a ValueError."""
+    for lineno, data in _raw_lines(source):
+        if isinstance(data, Exception):
+            yield lineno, data
+            continue
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -509,6 +598,9 @@ def _jsonl_records(lines: Iterable[Line]) -> Iterator[Any]:
         except ValueError as exc:
             yield lineno, ValueError(f"not valid JSON ({exc})")
             continue
+        except RecursionError:
+            yield lineno, ValueError("nested too deeply for JSON; line skipped")
+            continue
         if not isinstance(obj, dict):
             yield lineno, TypeError("not a JSON object")
             continue
@@ -526,7 +618,17 @@ def _csv_records(lines: Iterable[Line], raw: bool) -> Iterator[Any]:
                 errors.append((lineno, text))
             else:
                 yield text
-    for rec in csv.DictReader(texts()):
+    reader = csv.DictReader(texts())
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # e.g. a field over the csv module's size limit
+            yield from errors
+            errors.clear()
+            yield at[0], ValueError(f"not valid CSV ({exc}); line skipped")
+            continue
         yield from errors
         errors.clear()
         yield at[0], {k: (None if v is None or v == "" else v if raw else unescape_cell(v))
@@ -561,7 +663,8 @@ def status(db_path: str, as_json: bool) -> None:
         first = conn.execute("SELECT timestamp, created_at FROM signals ORDER BY id LIMIT 1").fetchone()
         last = conn.execute("SELECT timestamp, created_at FROM signals ORDER BY id DESC LIMIT 1").fetchone()
         journal = conn.execute("PRAGMA journal_mode").fetchone()[0]
-        rejected = conn.execute("SELECT count(*) FROM rejected_signals").fetchone()[0]
+        rejected = (conn.execute("SELECT count(*) FROM rejected_signals").fetchone()[0]
+                    if _has_table(conn, "rejected_signals") else 0)  # another program's file
         last_error = read_last_error(conn)
     finally:
         conn.close()
@@ -594,6 +697,7 @@ def status(db_path: str, as_json: bool) -> None:
     _emit(data, as_json, text)
 
 
+MIN_INTERVAL = 0.1  # tail --follow polls no more often than this (s)
 TAIL_COLUMNS = ("id", "timestamp", "symbol", "action", "entry_price", "confidence", "strategy", "sync_status")
 # Starting widths, so that rows printed later by --follow line up with the header.
 _TAIL_WIDTHS = (6, 32, 10, 7, 11, 10, 16, 11)
@@ -623,7 +727,8 @@ def _table(records: List[sqlite3.Row]) -> Tuple[str, List[int]]:
 @click.option("-n", "limit", type=COUNT, default=20, show_default=True, help="How many rows.")
 @click.option("--symbol", default=None, help="Only this symbol.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new rows until Ctrl-C.")
-@click.option("--interval", type=SECONDS, default=1.0, show_default=True, help="Polling interval for --follow (s).")
+@click.option("--interval", type=SECONDS, default=1.0, show_default=True,
+              help=f"Polling interval for --follow (s); at least {MIN_INTERVAL}.")
 @json_option
 def tail(db_path: str, limit: int, symbol: Optional[str], follow: bool, interval: float, as_json: bool) -> None:
     """The newest signals as a table."""
@@ -641,7 +746,7 @@ def tail(db_path: str, limit: int, symbol: Optional[str], follow: bool, interval
     last = recs[-1]["id"] if recs else 0
     try:
         while follow:
-            time.sleep(interval)
+            time.sleep(max(interval, MIN_INTERVAL))
             cond = "WHERE id > ?" + (" AND symbol = ?" if symbol else "")
             new = conn.execute(f"SELECT * FROM signals {cond} ORDER BY id", [last] + ([symbol] if symbol else [])).fetchall()
             for r in new:
@@ -692,17 +797,36 @@ def export(db_path: str, fmt: str, since: Optional[str], until: Optional[str], s
     cur = conn.execute(f"SELECT * FROM signals {where} ORDER BY id", params)
     cols = [d[0] for d in cur.description]
     n = 0
+    # to a terminal, control characters are shown escaped (JSON escapes them itself); a file
+    # gets the text exactly as stored
+    shown = escape_controls if _isatty(output) else (lambda v: v)
     writer = csv.writer(output) if fmt == "csv" else None
-    if writer:
-        writer.writerow(cols)
-    for rec in cur:
+    try:
         if writer:
-            writer.writerow(["" if v is None else v if raw else escape_cell(v) for v in rec])
-        else:
-            output.write(json.dumps(dict(zip(cols, rec)), default=_json_value) + "\n")
-        n += 1
-    conn.close()
+            writer.writerow(cols)
+        for rec in cur:
+            if writer:
+                writer.writerow(["" if v is None else shown(v if raw else escape_cell(v)) if isinstance(v, str)
+                                 else _json_value(v) if isinstance(v, bytes) else v for v in rec])
+            else:
+                output.write(json.dumps(dict(zip(cols, rec)), default=_json_value) + "\n")
+            n += 1
+        output.flush()
+    except OSError as exc:
+        if output is sys.stdout or getattr(output, "name", None) in ("-", "<stdout>"):
+            _quiet_stdout()
+        name = getattr(output, "name", "the output")
+        raise click.ClickException(f"cannot write {name}: {exc.strerror or exc} (stopped after {n} signals)") from None
+    finally:
+        conn.close()
     click.echo(f"exported {n} signals", err=True)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -714,19 +838,22 @@ def export(db_path: str, fmt: str, since: Optional[str], until: Optional[str], s
                                             "(default: the whole database).")
 @click.option("--strategy", default=None, help="Only this strategy.")
 @click.option("--per-symbol", is_flag=True, help="Add the per-strategy figures per symbol too.")
+@click.option("--top", type=Number(int, 1, 200), default=10, show_default=True,
+              help="Strategies (and symbols) drawn and listed on the page, by signal count; the rest are "
+                   "summed as 'other' (--json lists them all).")
 @click.option("--open", "open_it", is_flag=True, help="Open the page in the default browser.")
 @click.option("--json", "as_json", is_flag=True, help="Print the aggregates (exact) instead of writing the page.")
 def report(db_path: str, out_path: str, since: Optional[str], strategy: Optional[str], per_symbol: bool,
-           open_it: bool, as_json: bool) -> None:
+           top: int, open_it: bool, as_json: bool) -> None:
     """One self-contained HTML page: pipeline health and signal quality, with charts."""
-    from .report import ReportError, collect
+    from .report import ReportError, collect, json_safe
 
     try:
-        data = collect(db_path, since=since, strategy=strategy, per_symbol=per_symbol)
+        data = collect(db_path, since=since, strategy=strategy, per_symbol=per_symbol, top=top)
     except ReportError as exc:
-        raise click.ClickException(str(exc)) from None
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
+        raise click.ClickException(escape_controls(exc)) from None
+    if as_json:  # non-finite numbers as the strings "Infinity", "-Infinity", "NaN" (RFC 8259)
+        click.echo(json.dumps(json_safe(data), indent=2, allow_nan=False))
         return
     from .report_html import MissingExtra, render
 
@@ -740,7 +867,7 @@ def report(db_path: str, out_path: str, since: Optional[str], strategy: Optional
     except OSError as exc:
         raise click.ClickException(f"cannot write {out_path}: {exc.strerror or exc}") from None
     path = os.path.abspath(out_path)
-    click.echo(path)
+    click.echo(escape_controls(path))
     if open_it:
         import pathlib
         import webbrowser
@@ -765,7 +892,8 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
     """Push pending rows to Alpine now, due or not; exit 0 only if every row taken settled.
 
     Exit 1: some rows were rejected or not synced yet (answers that settled nothing included),
-    the database is missing, or the receiver is misconfigured (a redirect, a refused key);
+    the database is missing or another program's, or the receiver is misconfigured (a redirect,
+    a refused key);
     exit 2: a bad URL or key (configuration); exit 3: nothing answered for --timeout seconds;
     exit 4: the database could not be read or written (locked, unreadable).
     """
@@ -775,6 +903,14 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
 
     if not os.path.exists(db_path):
         _open_existing(db_path)   # "no database at ..." (exit 1)
+    try:  # another program's database is refused as the other writers refuse it (exit 1)
+        ours = connect_readonly(db_path)
+        try:
+            store.check_ours(ours, db_path)
+        finally:
+            ours.close()
+    except sqlite3.Error:
+        pass  # not readable at all: a database problem, said just below
     try:
         _open_existing(db_path).close()
     except click.ClickException as exc:

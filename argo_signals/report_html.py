@@ -13,7 +13,9 @@ import math
 from datetime import datetime
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .report import ACTIONS, SYNC_STATES
+from .safetext import clip, escape_controls
+
+from .report import ACTIONS, DEFAULT_TOP, SYNC_STATES, other_row
 
 __all__ = ["EXTRA_HINT", "MissingExtra", "charts_available", "render"]
 
@@ -44,8 +46,19 @@ def _figure_class() -> Any:
         raise MissingExtra(f"the report's charts need matplotlib: {EXTRA_HINT} "
                            "(or use --json, which needs nothing more)") from None
     matplotlib.rcParams.update({"svg.fonttype": "path", "svg.hashsalt": "argo-signals", "font.size": 8,
-                                "axes.spines.top": False, "axes.spines.right": False})
+                                "axes.spines.top": False, "axes.spines.right": False, "text.usetex": False})
+    if "text.parse_math" in matplotlib.rcParams:  # matplotlib >= 3.5: text is never read as $math$
+        matplotlib.rcParams["text.parse_math"] = False
     return Figure
+
+
+def _drawn(value: Any, limit: int = 40) -> str:
+    """A stored name as a chart label: literal (a '$' escaped where matplotlib cannot be told to
+    skip math), control characters escaped, clipped."""
+    import matplotlib
+
+    text = clip(escape_controls(value), limit)
+    return text if "text.parse_math" in matplotlib.rcParams else text.replace("$", r"\$")
 
 
 # -- formatting (rounded for reading; --json has the exact values) ------------------------------
@@ -68,15 +81,19 @@ def fmt_share(x: Optional[float], digits: int = 1) -> str:
     return "–" if x is None else f"{x * 100:.{digits}f}%"
 
 
-def fmt_num(x: Optional[float], digits: int = 2) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
+def fmt_num(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "NaN" if x != x else ("Infinity" if x > 0 else "-Infinity")
+    return f"{x:.{digits}f}"
 
 
-def fmt_time(iso: str, width_ms: int) -> str:
+def fmt_time(iso: Any, width_ms: int) -> str:
     try:
         dt = datetime.fromisoformat(iso)
-    except ValueError:  # a value written by other means: show it as stored
-        return iso
+    except (TypeError, ValueError):  # a value written by other means: show it as stored
+        return str(iso)
     if width_ms < 1000:
         return dt.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     if width_ms < 60_000:
@@ -96,7 +113,16 @@ def _tick(iso: str, width_ms: int) -> str:
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    return html.escape(escape_controls(value), quote=True)
+
+
+_DRAWABLE = 1e100  # matplotlib's transforms break on ranges near the float limit (1.8e308)
+
+
+def _chartable(v: Any) -> float:
+    """A number for a chart: None, +-Inf and magnitudes past 1e100 become NaN (a gap); the
+    tables beside the chart show them."""
+    return float(v) if v is not None and abs(v) <= _DRAWABLE else float("nan")
 
 
 # -- pieces ---------------------------------------------------------------------------------------
@@ -272,51 +298,72 @@ def _nan(v: Optional[float]) -> float:
     return float("nan") if v is None else float(v)
 
 
+def _group_rows(groups: List[Dict[str, Any]], column: str, top: int, kind: str) -> List[Sequence[Any]]:
+    """The first ``top`` groups, then one row summing the rest."""
+    rest = other_row(groups, column, top)
+    shown = groups[:top] + ([{**rest, column: f"other ({rest['count']} {kind})"}] if rest else [])
+    return [(s[column], s["signals"], s["buy"], s["sell"], s["neutral"], fmt_num(s["mean_confidence"], 1),
+             s["closed"], s["wins"], s["losses"], fmt_share(s["win_rate"]), fmt_num(s["mean_pnl_pct"]),
+             fmt_num(s["total_pnl_pct"])) for s in shown]
+
+
+def _group_title(what: str, groups: List[Dict[str, Any]], top: int) -> str:
+    if len(groups) <= top:
+        return what
+    return (f"{what}: the {top} with the most signals of {len(groups)}, the rest summed as other "
+            "(argo-signals report --json lists them all)")
+
+
+_GROUP_HEAD = ("signals", "BUY", "SELL", "NEUTRAL", "mean confidence", "closed", "wins", "losses", "win rate",
+               "mean P/L %", "total P/L %")
+
+
 def _quality(r: Dict[str, Any], ch: _Charts) -> str:
     q = r["quality"]
+    top = q.get("top", DEFAULT_TOP)
     out: List[str] = []
     strategies = q["by_strategy"]
     if not strategies:
         return _empty("empty-quality", "no signals in this period")
-    out.append('<section class="panel"><h3>Per strategy</h3>' + _table(
-        "t-strategies", ("strategy", "signals", "BUY", "SELL", "NEUTRAL", "mean confidence", "closed",
-                         "wins", "losses", "win rate", "mean P/L %", "total P/L %"),
-        [(s["strategy"], s["signals"], s["buy"], s["sell"], s["neutral"], fmt_num(s["mean_confidence"], 1),
-          s["closed"], s["wins"], s["losses"], fmt_share(s["win_rate"]), fmt_num(s["mean_pnl_pct"]),
-          fmt_num(s["total_pnl_pct"])) for s in strategies]) + "</section>")
+    out.append(f'<section class="panel"><h3>{_e(_group_title("Per strategy", strategies, top))}</h3>' + _table(
+        "t-strategies", ("strategy", *_GROUP_HEAD), _group_rows(strategies, "strategy", top, "strategies"))
+        + "</section>")
     if "by_symbol" in q:
-        out.append('<section class="panel"><h3>Per symbol</h3>' + _table(
-            "t-symbols", ("symbol", "signals", "BUY", "SELL", "NEUTRAL", "mean confidence", "closed",
-                          "wins", "losses", "win rate", "mean P/L %", "total P/L %"),
-            [(s["symbol"], s["signals"], s["buy"], s["sell"], s["neutral"], fmt_num(s["mean_confidence"], 1),
-              s["closed"], s["wins"], s["losses"], fmt_share(s["win_rate"]), fmt_num(s["mean_pnl_pct"]),
-              fmt_num(s["total_pnl_pct"])) for s in q["by_symbol"]]) + "</section>")
+        out.append(f'<section class="panel"><h3>{_e(_group_title("Per symbol", q["by_symbol"], top))}</h3>'
+                   + _table("t-symbols", ("symbol", *_GROUP_HEAD), _group_rows(q["by_symbol"], "symbol", top, "symbols"))
+                   + "</section>")
     if not q["pnl_distribution"]["n"] and not any(c["decided"] for c in q["calibration"]):
         out.append(_empty("empty-outcomes", NO_OUTCOMES))
         return "".join(out)
 
     axis = q["pnl_axis"]
     n_iv = axis["interval_count"]
-    cum = q["cumulative_pnl"]
-    if cum:
+    series_of = list(q["cumulative_pnl"].items())
+    rest = q.get("cumulative_pnl_other") or []
+    if rest:
+        n_rest = len(strategies) - top
+        series_of.append((f"other ({n_rest} strategies)", rest))
+    if series_of:
         signal_time = _Charts(axis["interval_ms"], axis["starts"])
 
         def cumulative(ax: Any) -> None:
-            for name, points in cum.items():
-                series = [0.0] * n_iv
+            lines, labels = [], []
+            for name, points in series_of:
+                ys = [float("nan")] * n_iv
                 for p in points:
-                    series[p["interval"]] = p["pnl_pct"]
-                run, ys = 0.0, []
-                for v in series:
-                    run += v
-                    ys.append(run)
-                ax.plot(range(n_iv), ys, marker=".", ms=4, label=name)
+                    ys[p["interval"]] = _chartable(p["cumulative_pnl_pct"])
+                run = 0.0
+                for k, v in enumerate(ys):  # flat between the intervals with closed signals
+                    run = v if v == v else run
+                    ys[k] = run
+                lines.extend(ax.plot(range(n_iv), ys, marker=".", ms=4))
+                labels.append(_drawn(name))
             ax.axhline(0, color="#555", lw=0.8)
             ax.set_ylabel("cumulative P/L %")
-            ax.legend(loc="upper left", fontsize=7, frameon=False, ncol=2)
+            ax.legend(lines, labels, loc="upper left", fontsize=7, frameon=False, ncol=2)  # labels as given
             signal_time.time_axis(ax)
         rows = []
-        for name, points in cum.items():
+        for name, points in series_of:
             path = [p["cumulative_pnl_pct"] for p in points]
             rows.append((name, sum(p["closed"] for p in points), fmt_num(path[-1]), fmt_num(min(path)),
                          fmt_num(max(path))))
@@ -355,9 +402,12 @@ def _quality(r: Dict[str, Any], ch: _Charts) -> str:
     dist = q["pnl_distribution"]
     if dist["n"]:
         def distribution(ax: Any) -> None:
-            bins = dist["bins"]
-            ax.bar([b["low"] for b in bins], [b["count"] for b in bins], width=dist["bin_width"] * 0.95,
-                   align="edge", color=["#2e7d32" if b["low"] >= 0 else "#c62828" for b in bins])
+            bins = dist["bins"]  # drawn by bin number, labelled with the edges: any magnitude fits
+            ax.bar(range(len(bins)), [b["count"] for b in bins], width=0.95, align="edge",
+                   color=["#2e7d32" if b["low"] >= 0 else "#c62828" for b in bins])
+            ticks = list(range(0, len(bins) + 1, max(1, len(bins) // 6)))
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([f"{bins[0]['low'] + k * dist['bin_width']:.4g}" for k in ticks])
             ax.set_xlabel("P/L %")
             ax.set_ylabel("closed signals")
         out.append(_panel("P/L % distribution", ch.svg(distribution),
@@ -403,4 +453,29 @@ def render(report: Dict[str, Any]) -> str:
             "<code>argo-signals report --json</code> prints them exactly.</p>"
             f"<h2>Pipeline health</h2>{_health(report, ch)}"
             f"<h2>Signal quality</h2>{_quality(report, ch)}"
+            f"{_foreign(report.get('foreign'))}"
             "</body></html>\n")
+
+
+_FOREIGN = {"created_at": "created_at not a time from 1970 to a year ahead (row not placed)",
+            "timestamp": "timestamp not a time from 1970 to a year ahead (left off the P/L time axis)",
+            "strategy": "strategy a BLOB or not UTF-8", "action": "action not BUY, SELL or NEUTRAL",
+            "sync_status": "sync_status not one of ours", "confidence": "confidence not a finite number",
+            "profit_loss_pct": "profit_loss_pct not a finite number (left out of P/L figures)"}
+
+
+def _foreign(f: Optional[Dict[str, Any]]) -> str:
+    """Values another program wrote: how many rows, examples as stored (escaped)."""
+    if f is None:
+        return ""
+    rows = [("rows the report could not place in time", f["unplaced_rows"], "")]
+    rows += [(label, f[col]["count"], ", ".join(escape_controls(_shown_value(v)) for v in f[col]["examples"]))
+             for col, label in _FOREIGN.items() if f[col]["count"]]
+    return ('<section class="panel"><h3>Values written by other means (whole database)</h3>'
+            '<p class="note">Rows whose created_at cannot be placed are left out of every figure above; '
+            'other odd values are left out of the figure they would distort.</p>'
+            + _table("t-foreign", ("what", "rows", "examples as stored"), rows, scroll=False) + "</section>")
+
+
+def _shown_value(v: Any) -> str:
+    return repr(v) if isinstance(v, float) else str(v)

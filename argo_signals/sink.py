@@ -26,8 +26,8 @@ from . import spill
 from .config import Config
 from .signal import FIELDS, finish
 from .stats import Stats
-from .store import (BatchResult, connect, connect_readonly, ensure_schema, is_environment_error,
-                    overdue_waiting, write_batch)
+from .store import (BatchResult, ForeignDatabaseError, connect, connect_readonly, ensure_schema,
+                    is_environment_error, overdue_waiting, write_batch)
 
 log = logging.getLogger("argo_signals")
 
@@ -84,6 +84,8 @@ class SQLiteSink:
                 raise FileNotFoundError(f"cannot use {what} {path}: directory {folder} does not exist")
         try:
             self._connection()
+        except ForeignDatabaseError:
+            raise  # names the file already; never retried into a spill at the start
         except (sqlite3.Error, OSError) as exc:
             raise OSError(f"cannot open database {self.config.db_path}: {exc}") from exc
 

@@ -25,9 +25,13 @@ from .signal import FINISHED_FIELDS, UPDATABLE, DefaultTimestamp
 __all__ = ["connect", "connect_readonly", "readonly_uri", "SYNC_STATUSES", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
            "SIGNAL_COLUMNS", "utc_now", "insert_sql", "insert_params", "status_counts", "claim_due", "reclaim",
            "settle", "settle_many", "release", "settle_refused", "file_token",
-           "reset_status", "waiting_summary", "overdue_waiting"]
+           "reset_status", "waiting_summary", "overdue_waiting",
+           "APPLICATION_ID", "SCHEMA_VERSION", "ForeignDatabaseError", "check_ours"]
 
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}
+# The marker the schema sets (PRAGMA application_id / user_version): "ARGS" in ASCII.
+APPLICATION_ID = 0x41524753
+SCHEMA_VERSION = 1
 # Values of signals.sync_status.
 SYNC_STATUSES = ("pending", "synced", "rejected", "skipped", "failed")
 
@@ -130,6 +134,7 @@ def connect(path: str, durability: str = "normal", busy_timeout: float = 5.0) ->
                            check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        _patiently(lambda: check_ours(conn, path), busy_timeout)  # before anything is written
         # switching needs an exclusive lock, so only ask when the file is not in WAL yet
         if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             _patiently(lambda: conn.execute("PRAGMA journal_mode = WAL"), busy_timeout)
@@ -182,6 +187,42 @@ def _patiently(step: Callable[[], Any], wait: float) -> Any:
             time.sleep(0.01 + random.random() * 0.04)
 
 
+class ForeignDatabaseError(OSError):
+    """The file is a database of another program: nothing was written to it."""
+
+
+_REJECTED_COLUMNS = ("id", "signal_id", "payload", "reason", "rejected_at")
+
+
+def check_ours(conn: sqlite3.Connection, path: Any) -> None:
+    """Raise ``ForeignDatabaseError`` naming ``path`` unless the database is empty or ours:
+    our marker (or, from before the marker, our tables) and the expected columns.  Reads only."""
+    def refuse(why: str) -> None:
+        raise ForeignDatabaseError(f"{os.fsdecode(path)} is not an argo-signals database ({why}); "
+                                   "it was left unchanged: check --db / ARGO_SIGNALS_DB")
+
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    tables = {name for (name,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite!_%' ESCAPE '!'")}
+    if app_id not in (0, APPLICATION_ID):
+        refuse(f"it belongs to the application with id {app_id:#x}")
+    if app_id == APPLICATION_ID:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            refuse(f"made by a newer version of argo-signals (schema {version}, this one knows {SCHEMA_VERSION})")
+    elif not tables:
+        return  # empty: the schema will be created
+    elif "signals" not in tables:
+        refuse(f"it has tables {', '.join(sorted(tables)[:5])} but no signals table")
+    for table, want in (("signals", tuple(SIGNAL_COLUMNS)), ("rejected_signals", _REJECTED_COLUMNS)):
+        if table in tables:
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            missing = [c for c in want if c not in have]
+            if missing:
+                refuse(f"its {table} table is missing the columns {', '.join(missing[:6])}"
+                       + (" ..." if len(missing) > 6 else ""))
+
+
 def ensure_schema(conn: sqlite3.Connection, wait: float = 5.0) -> None:
     """Create the tables and indexes if they do not exist (idempotent, multi-process safe:
     every statement is ``IF NOT EXISTS``; a creator that finds the lock taken tries again
@@ -191,7 +232,8 @@ def ensure_schema(conn: sqlite3.Connection, wait: float = 5.0) -> None:
 
 def _create_schema(conn: sqlite3.Connection) -> None:
     db = sqlite_utils.Database(conn)
-    if db["signals"].exists() and db["rejected_signals"].exists() and db["waiting_updates"].exists():
+    if (db["signals"].exists() and db["rejected_signals"].exists() and db["waiting_updates"].exists()
+            and conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID):
         return
     signals = db.table("signals")
     signals.create(
@@ -212,6 +254,18 @@ def _create_schema(conn: sqlite3.Connection) -> None:
                  "signal_id TEXT NOT NULL, fields TEXT NOT NULL /* JSON */, "
                  "queued_at REAL NOT NULL /* unix seconds */)")
     conn.execute("CREATE INDEX IF NOT EXISTS idx_waiting_updates_signal_id ON waiting_updates (signal_id)")
+    _mark(conn)
+
+
+def _mark(conn: sqlite3.Connection) -> None:
+    """Set the marker last: a database with it has the whole schema."""
+    if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+        try:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.OperationalError as exc:
+            if "readonly" not in str(exc).lower():
+                raise  # (a read-only file from before the marker keeps working unmarked)
 
 
 def is_environment_error(exc: BaseException) -> bool:

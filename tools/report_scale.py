@@ -25,15 +25,16 @@ from argo_signals.demo import STRATEGIES, SYMBOLS, win_probability
 STATES = (("synced", 0.80), ("pending", 0.08), ("skipped", 0.08), ("rejected", 0.03), ("failed", 0.01))
 
 
-def build(path: str, rows: int, days: float, seed: int = 1) -> None:
+def build(path: str, rows: int, days: float, seed: int = 1, strategies: int = 0) -> None:
     rng = random.Random(seed)
     conn = store.connect(path)
     store.ensure_schema(conn)
     end = datetime.now(timezone.utc)
     start = end - timedelta(days=days)
     step = (end - start) / rows
-    names, weights = zip(*STATES)
+    states, weights = zip(*STATES)
     symbols = list(SYMBOLS)
+    names = [f"strategy-{k:05d}" for k in range(strategies)] if strategies else list(STRATEGIES)
     batch = []
     sql = ("INSERT INTO signals (signal_id, symbol, action, entry_price, confidence, strategy, timestamp, sha256, "
            "created_at, sync_status, sync_attempts, sync_error, synced_at, outcome, exit_price, profit_loss_pct) "
@@ -42,10 +43,10 @@ def build(path: str, rows: int, days: float, seed: int = 1) -> None:
     for i in range(rows):
         created = start + step * i
         ts = created - timedelta(milliseconds=rng.expovariate(1 / 40.0))
-        status = rng.choices(names, weights)[0]
+        status = rng.choices(states, weights)[0]
         action = "NEUTRAL" if status == "skipped" else rng.choice(("BUY", "SELL"))
         conf = round(min(100.0, max(0.0, rng.gauss(72, 12))), 1)
-        strategy = rng.choice(STRATEGIES)
+        strategy = rng.choice(names)
         synced = (created + timedelta(milliseconds=rng.expovariate(1 / 300.0))).isoformat() if status == "synced" else None
         error = {"rejected": "symbol empty or longer than 20 characters (receiver refuses it)",
                  "failed": "HTTP 503 from Alpine", "skipped": "NEUTRAL signals are not synced"}.get(status)
@@ -83,12 +84,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--days", type=float, default=7.0)
+    ap.add_argument("--strategies", type=int, default=0,
+                    help="distinct strategy names (default: the demo's few)")
     ap.add_argument("--db", default=None, help="database file (built if absent)")
     a = ap.parse_args()
-    db = a.db or os.path.join(tempfile.gettempdir(), f"argo-report-{a.rows}.db")
+    db = a.db or os.path.join(tempfile.gettempdir(), f"argo-report-{a.rows}-{a.strategies}.db")
     if not os.path.exists(db):
         t0 = time.perf_counter()
-        build(db, a.rows, a.days)
+        build(db, a.rows, a.days, strategies=a.strategies)
         print(f"built {db}: {a.rows} rows in {time.perf_counter() - t0:.1f}s", flush=True)
     out = os.path.join(tempfile.gettempdir(), "argo-report-scale.html")
     for label, args in (("--json", ["--db", db, "--json"]), ("page", ["--db", db, "--out", out]),
