@@ -14,9 +14,10 @@ from . import lifecycle as _lifecycle
 
 from .config import Config
 from .signal import SignalValidationError, alpine_hash, new_signal_id, normalise
+from .store import ForeignDatabaseError
 from .tracker import SignalTracker, default_db_path
 
-__all__ = ["SignalTracker", "Config", "SignalValidationError", "log_signal", "update_signal", "flush",
+__all__ = ["SignalTracker", "Config", "SignalValidationError", "ForeignDatabaseError", "log_signal", "update_signal", "flush",
            "close", "stats", "get_tracker", "alpine_hash", "new_signal_id", "normalise",
            "default_db_path", "__version__"]
 __version__ = "0.1.0"
