@@ -184,8 +184,9 @@ print(sum(got), t.close(10))
 def test_first_module_level_log_on_a_thread_while_a_fork_pool_starts(db):
     """The module-level tracker is created under a module lock; a worker forked while another
     thread held it inherited it held and blocked forever in its first log_signal()."""
-    conn = sqlite3.connect(db)              # not in WAL yet: the creation must wait for the lock
-    conn.execute("CREATE TABLE other (a)")
+    SignalTracker(db, register_atexit=False).close()   # ours, but taken out of WAL again:
+    conn = sqlite3.connect(db)                          # the creation must wait for the lock
+    conn.execute("PRAGMA journal_mode = DELETE")
     conn.close()
     out = run_script("""
 import multiprocessing, sqlite3, sys, threading, time
