@@ -325,14 +325,16 @@ class Syncer:
         exc = fut.exception()
         if exc is not None:
             text = self.redact(f"{type(exc).__name__}: {exc}")
-            self.outcomes.error(f"sync task failed: {text}")
+            with lifecycle.sqlite_work():
+                self.outcomes.error(f"sync task failed: {text}")
             log.error("sync task failed: %s", text)
 
     # -- one delivery ----------------------------------------------------------------------------
     def _deliver(self, generation: int, row: Dict[str, Any], trial: bool = False) -> None:
         if self._stopping.is_set():
             if generation == self._generation:
-                self.outcomes.interrupted(row)
+                with lifecycle.sqlite_work():
+                    self.outcomes.interrupted(row)
             return
         try:
             answer = self.delivery.send(json.dumps(payload(row)).encode(), trial)
@@ -341,7 +343,8 @@ class Syncer:
         if generation != self._generation:
             return  # claimed from a database file that has been replaced since
         if answer.kind is Kind.UNREACHABLE and self._stopping.is_set():
-            self.outcomes.interrupted(row)  # (an answer that did come is recorded, even now)
+            with lifecycle.sqlite_work():
+                self.outcomes.interrupted(row)  # (an answer that did come is recorded, even now)
             return
         held = self.gate.remaining()
         with lifecycle.sqlite_work():
@@ -389,8 +392,9 @@ class Syncer:
         log.info("Alpine at %s answers again after %.1fs; sending everything pending now",
                  self.config.public_url, down)
         try:
-            self._conn().execute("UPDATE signals SET sync_next_at = NULL WHERE sync_status = 'pending' "
-                                 "AND sync_claim IS NULL")
+            with lifecycle.sqlite_work():
+                self._conn().execute("UPDATE signals SET sync_next_at = NULL WHERE sync_status = 'pending' "
+                                     "AND sync_claim IS NULL")
         except sqlite3.Error as exc:
             log.warning("could not make pending rows due at once (%s); they follow their backoff", exc)
         self.nudge()
@@ -402,12 +406,13 @@ class Syncer:
         Done in SQL (the same rules as the per-row check, from ``alpine.REFUSALS``) so that
         close() stays quick on a large backlog.
         """
-        conn = store.connect(self.db_path, self.config.durability, self.config.busy_timeout)
-        try:
-            register_sql_functions(conn)
-            return store.settle_refused(conn, refusal_sql())
-        finally:
-            conn.close()
+        with lifecycle.sqlite_work():
+            conn = store.connect(self.db_path, self.config.durability, self.config.busy_timeout)
+            try:
+                register_sql_functions(conn)
+                return store.settle_refused(conn, refusal_sql())
+            finally:
+                conn.close()
 
     def busy(self) -> bool:
         """Something is being pumped or delivered."""
@@ -447,15 +452,16 @@ class Syncer:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self.delivery.close()
-        self.outcomes.flush(wait=1.0)  # whatever is still queued, before the claims are released
-        try:  # rows claimed but never started go back to pending at once
-            if self._claimed_any:
-                conn = store.connect(self.db_path, self.config.durability, self.config.busy_timeout)
-                try:
-                    conn.execute("UPDATE signals SET sync_claim = NULL, sync_claim_until = NULL "
-                                 "WHERE sync_claim = ?", (self._token,))
-                finally:
-                    conn.close()
+        try:
+            with lifecycle.sqlite_work():   # a fork waits for these last writes too
+                self.outcomes.flush(wait=1.0)  # whatever is still queued, before the claims are released
+                if self._claimed_any:  # rows claimed but never started go back to pending at once
+                    conn = store.connect(self.db_path, self.config.durability, self.config.busy_timeout)
+                    try:
+                        conn.execute("UPDATE signals SET sync_claim = NULL, sync_claim_until = NULL "
+                                     "WHERE sync_claim = ?", (self._token,))
+                    finally:
+                        conn.close()
         except Exception as exc:
             log.warning("could not release sync claims (%s); the next run takes them back", exc)
         owner.forget(self._token)
