@@ -10,7 +10,7 @@ import signal as _signal
 import sqlite3
 import time
 from datetime import datetime
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from . import lifecycle, spill, store
 from .config import Config, default_db_path
@@ -223,24 +223,31 @@ def _count_value(counter: "itertools.count[int]") -> int:
     return int(repr(counter)[6:-1])
 
 
+def _read_db(db_path: str, read: Callable[[sqlite3.Connection], Any]) -> Optional[Any]:
+    """``read(conn)`` on a read-only connection; None if the database is absent or unreadable."""
+    if not os.path.exists(db_path):
+        return None
+    try:
+        conn = store.connect_readonly(db_path, timeout=1.0)
+    except sqlite3.Error:
+        return None
+    try:
+        return read(conn)
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+
+
 def sync_state(db_path: str) -> Dict[str, Any]:
     """Counts by sync status and the sync lag, read from the database (zeros if it is absent)."""
     out: Dict[str, Any] = {"synced": 0, "sync_pending": 0, "sync_rejected": 0, "sync_skipped": 0,
                            "sync_failed": 0, "sync_lag_s": None, "database_readable": False}
-    if not os.path.exists(db_path):
+    got = _read_db(db_path, lambda conn: (store.status_counts(conn), conn.execute(
+        "SELECT created_at FROM signals WHERE sync_status = 'pending' ORDER BY id LIMIT 1").fetchone()))
+    if got is None:
         return out
-    try:
-        conn = store.connect_readonly(db_path, timeout=1.0)
-    except sqlite3.Error:
-        return out
-    try:
-        counts = store.status_counts(conn)
-        oldest = conn.execute("SELECT created_at FROM signals WHERE sync_status = 'pending' "
-                              "ORDER BY id LIMIT 1").fetchone()
-    except sqlite3.Error:
-        return out
-    finally:
-        conn.close()
+    counts, oldest = got
     out["database_readable"] = True
     for status in ("synced", "pending", "rejected", "skipped", "failed"):
         key = "synced" if status == "synced" else f"sync_{status}"
@@ -256,8 +263,14 @@ def sync_state(db_path: str) -> Dict[str, Any]:
 def waiting_state(db_path: str) -> Dict[str, Any]:
     """Updates waiting in the database for their insert: how many, and the oldest's age (s)."""
     out: Dict[str, Any] = {"waiting_updates": 0, "waiting_update_oldest_s": None}
-    if not os.path.exists(db_path):
+    got = _read_db(db_path, store.waiting_summary)
+    if got is None:
         return out
+    n, oldest = got
+    out["waiting_updates"] = n
+    if oldest is not None:
+        out["waiting_update_oldest_s"] = round(max(0.0, time.time() - oldest), 3)
+    return out
     try:
         conn = store.connect_readonly(db_path, timeout=1.0)
     except sqlite3.Error:
