@@ -105,6 +105,8 @@ class SQLiteSink:
             except BaseException:
                 conn.close()
                 raise
+            if self._inode != (st.st_dev, st.st_ino):
+                self._warned_seq = 0    # another file: its waiting_updates count seq from 1 again
             self._conn, self._inode = conn, (st.st_dev, st.st_ino)
             self._journal = (_file_id(path + "-wal"), _file_id(path + "-shm"))
         return self._conn

@@ -1,8 +1,12 @@
 """Hostile checks of the spill's framing and replay at their edges (real files)."""
-from argo_signals import spill
+import os
+
+from argo_signals import SignalTracker, spill
 from argo_signals.signal import finish, normalise
 
-from conftest import make_signal
+from conftest import make_signal, wait_for
+
+QUIET = dict(batch_size=10_000, batch_timeout=3600, register_atexit=False)
 
 
 def test_a_spilled_signal_longer_than_the_readers_line_buffer_is_replayed_not_set_aside(tmp_path, monkeypatch):
@@ -25,3 +29,16 @@ def test_a_spill_holding_only_a_torn_fragment_is_set_aside_and_cleared(tmp_path)
     assert chunk.rows == [] and len(chunk.bad) == 1 and chunk.last
     spill.consumed(chunk)
     assert spill.take(path) is None and spill.pending_count(path) == 0
+
+
+def test_an_update_waiting_in_the_new_file_after_a_rotation_is_reported_too(tmp_path):
+    db = tmp_path / "signals.db"
+    with SignalTracker(str(db), **QUIET, flush_interval=0.05, waiting_update_max_age=0.1) as t:
+        for i in range(3):   # waiting updates 1..3 in the first file, reported
+            t.update_signal(f"early-{i}", outcome="win")
+        assert t.flush(5)
+        assert wait_for(lambda: t.stats()["waiting_updates_overdue"] == 3, 5)
+        os.rename(db, tmp_path / "signals-archive.db")
+        t.update_signal("late", outcome="loss")   # seq 1 of the fresh file at the path
+        assert t.flush(5)
+        assert wait_for(lambda: t.stats()["waiting_updates_overdue"] == 4, 3)
