@@ -266,6 +266,14 @@ def consumed(chunk: Chunk) -> None:
     (under the lock ``replaying()`` holds)."""
     taken = chunk.path if chunk.path.endswith(".replaying") else f"{chunk.path}.replaying"
     spill = taken[:-len(".replaying")]
+    tmp = f"{taken}.done.tmp"
+    if not chunk.last:
+        # the offset is written first: if that fails (a full disk), nothing was set aside yet,
+        # so the next replay of this chunk does not set its bad lines aside a second time.
+        # Not fsync'd: an offset lost in a crash only makes the next replay redo committed
+        # chunks, which is harmless (rows are idempotent by signal_id, updates re-apply in order)
+        with open(tmp, "wb") as f:
+            f.write(str(chunk.end).encode())
     for line, why in chunk.bad:
         if why.startswith("torn"):
             _set_aside(f"{spill}.torn-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}", line, why)
@@ -278,11 +286,6 @@ def consumed(chunk: Chunk) -> None:
         return
     if chunk.path != taken:   # the first chunk of the spill file: take the file, newer appends
         os.rename(chunk.path, taken)   # start a new one behind it
-    # not fsync'd: an offset lost in a crash only makes the next replay redo committed
-    # chunks, which is harmless (rows are idempotent by signal_id, updates re-apply in order)
-    tmp = f"{taken}.done.tmp"
-    with open(tmp, "wb") as f:
-        f.write(str(chunk.end).encode())
     os.replace(tmp, f"{taken}.done")
 
 

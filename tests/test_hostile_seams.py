@@ -1,6 +1,8 @@
 """Hostile checks of the spill's framing and replay at their edges (real files)."""
 import os
 
+import pytest
+
 from argo_signals import SignalTracker, spill
 from argo_signals.signal import finish, normalise
 
@@ -42,3 +44,23 @@ def test_an_update_waiting_in_the_new_file_after_a_rotation_is_reported_too(tmp_
         t.update_signal("late", outcome="loss")   # seq 1 of the fresh file at the path
         assert t.flush(5)
         assert wait_for(lambda: t.stats()["waiting_updates_overdue"] == 4, 3)
+
+
+def test_a_bad_line_is_set_aside_once_even_when_recording_the_offset_keeps_failing(tmp_path):
+    path = str(tmp_path / "s.db.spill.jsonl")
+    rows = [finish(normalise(make_signal(i))) for i in range(3)]
+    spill.append(path, rows[:1], [])
+    with open(path, "ab") as f:
+        f.write(b"not json\n")
+    spill.append(path, rows[1:], [])
+    os.mkdir(f"{path}.replaying.done.tmp")   # the offset cannot be written (as on a full disk)
+    for _ in range(3):                        # three replays commit the chunk, none records it
+        with spill.replaying(path, max_entries=2) as chunk:
+            assert chunk is not None and len(chunk.bad) == 1
+            with pytest.raises(OSError):
+                spill.consumed(chunk)
+    os.rmdir(f"{path}.replaying.done.tmp")
+    with spill.replaying(path, max_entries=2) as chunk:
+        spill.consumed(chunk)
+    with open(f"{path}.bad", "rb") as f:
+        assert f.read().count(b"not json") == 1
