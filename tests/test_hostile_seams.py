@@ -6,7 +6,7 @@ import pytest
 from argo_signals import SignalTracker, spill
 from argo_signals.signal import finish, normalise
 
-from conftest import make_signal, wait_for
+from conftest import make_signal, run_script, wait_for
 
 QUIET = dict(batch_size=10_000, batch_timeout=3600, register_atexit=False)
 
@@ -64,3 +64,49 @@ def test_a_bad_line_is_set_aside_once_even_when_recording_the_offset_keeps_faili
         spill.consumed(chunk)
     with open(f"{path}.bad", "rb") as f:
         assert f.read().count(b"not json") == 1
+
+
+def test_a_child_forked_from_a_handler_inside_the_parents_own_write_does_not_stall(tmp_path):
+    # The handler interrupts close() while it writes: the child inherits that open transaction
+    # (SQLite's in-process lock state), so it can never write this file; it must spill at once,
+    # not wait out the 30 s write-retry budget on each call.
+    res = run_script("""
+        import os, signal, sqlite3, sys, time
+        from argo_signals import SignalTracker, spill
+        db = sys.argv[1]
+        t = SignalTracker(db, batch_size=100000, batch_timeout=3600, flush_interval=3600,
+                          register_atexit=False, max_queue_size=20000)
+        for _ in range(6000):
+            t.log_signal({"symbol": "AAPL", "entry_price": 1, "confidence": 1})
+        kids = []
+        def h(n, f):
+            conn = t._sink._conn
+            if kids or conn is None or not conn.in_transaction:
+                return
+            kids.append(None)   # before the fork: this handler may run again during it
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                c = SignalTracker(db, register_atexit=False)
+                t0 = time.monotonic()
+                sid = c.log_signal({"symbol": "KID", "entry_price": 1, "confidence": 1})
+                os.write(w, f"{sid} {time.monotonic() - t0:.2f}".encode())
+                os._exit(0)
+            os.close(w)
+            kids[0] = (pid, r)
+        signal.signal(signal.SIGALRM, h)
+        signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+        assert t.close(20)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        assert kids, "no fork inside the write"
+        pid, r = kids[0]
+        os.waitpid(pid, 0)
+        sid, took = os.read(r, 200).decode().split()
+        assert float(took) < 5, took
+        with SignalTracker(db, register_atexit=False) as again:   # replays the child's spill
+            pass
+        assert sqlite3.connect(db).execute("SELECT count(*) FROM signals WHERE signal_id = ?",
+                                           (sid,)).fetchone()[0] == 1
+        print("ok", took)
+    """, tmp_path / "signals.db", timeout=60)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr[-2000:]
