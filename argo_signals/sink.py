@@ -17,7 +17,7 @@ import os
 import sqlite3
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
 from tenacity.stop import stop_base
@@ -40,6 +40,8 @@ UNSAVED_PREFIX = "argo-signals-unsaved: "
 
 # Connections inherited from a parent process: never used nor closed in the child.
 _INHERITED: List[sqlite3.Connection] = []
+# Database files (dev, inode) this process inherited with a write transaction open: never writable here.
+_LOCKED_IN_THIS_PROCESS: Set[Tuple[int, int]] = set()
 # A batch write replays a waiting spill first for at most this long; the rest replays on ticks.
 REPLAY_SLICE = 2.0
 # How long letting go of a moved database waits for other connections to let a checkpoint finish.
@@ -107,6 +109,8 @@ class SQLiteSink:
             except BaseException:
                 conn.close()
                 raise
+            if self._inode != (st.st_dev, st.st_ino):
+                self._warned_seq = 0    # another file: its waiting_updates count seq from 1 again
             self._conn, self._inode = conn, (st.st_dev, st.st_ino)
             self._journal = (_file_id(path + "-wal"), _file_id(path + "-shm"))
         return self._conn
@@ -190,7 +194,15 @@ class SQLiteSink:
     def after_fork(self) -> None:
         if self._conn is not None:
             _INHERITED.append(self._conn)
+            if self._conn.in_transaction and self._inode is not None:
+                # a write of the parent's was open at the fork (a signal handler forked inside
+                # it, or it outlasted the fork's bound): SQLite's in-process lock state keeps
+                # that lock for this child's whole life, so nothing here can write this file
+                _LOCKED_IN_THIS_PROCESS.add(self._inode)
         self._conn = None
+
+    def _locked_for_good(self) -> bool:
+        return bool(_LOCKED_IN_THIS_PROCESS) and _file_id(self.config.db_path) in _LOCKED_IN_THIS_PROCESS
 
     # -- writing ------------------------------------------------------------------------
     def write(self, entries: Sequence[Entry], reason: Optional[str],
@@ -205,6 +217,9 @@ class SQLiteSink:
         if not rows and not updates:
             return Outcome.COMMITTED
         left = _left(stop_at)
+        if self._locked_for_good():
+            return self._spill(entries, rows, updates, "this process was forked inside a write to the "
+                               "database, which stays locked here", left)
         if self.spill_pending() and not self.replay(REPLAY_SLICE if left is None else min(left, REPLAY_SLICE)):
             # what waits in the spill came first: go behind it so that order holds
             return self._spill(entries, rows, updates, "a spill is still waiting for the database",
@@ -303,6 +318,8 @@ class SQLiteSink:
 
         ``max_wait`` bounds the whole replay (lock waits included): what it did not reach stays
         for the next replay, which resumes where this one stopped."""
+        if self._locked_for_good():
+            return False   # left for a process that can write the file
         deadline = None if max_wait is None else time.monotonic() + max_wait
         rows = updates = inserted = duplicates = 0
         try:

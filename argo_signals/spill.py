@@ -45,7 +45,7 @@ __all__ = ["spill_path", "append", "take", "pending_count", "entry_from_json", "
 LOCK_TIMEOUT = 10.0  # seconds to wait for another process's append or take
 CHUNK_ENTRIES = 1000          # entries per replayed chunk (one transaction each)
 CHUNK_BYTES = 4 << 20         # ...or this many bytes of the file, whichever comes first
-MAX_LINE = 16 << 20           # a longer line is set aside (only its start is kept)
+MAX_LINE = 16 << 20           # lines are read in pieces of this size (a longer one is still one entry)
 
 
 def _boot_id() -> str:
@@ -229,13 +229,15 @@ def _next_chunk(path: str, max_entries: int) -> Optional[Chunk]:
                 break
             pos += len(line)
             read += len(line)
+            if len(line) >= MAX_LINE and not line.endswith(b"\n"):
+                # a long line (log_signal() sets no size limit): read it whole, it is one entry
+                parts = [line]
+                while parts[-1] and not parts[-1].endswith(b"\n"):
+                    parts.append(f.readline(MAX_LINE))
+                    pos += len(parts[-1])
+                    read += len(parts[-1])
+                line = b"".join(parts)
             if not line.endswith(b"\n"):
-                if len(line) >= MAX_LINE:   # over-long: skip to its end, keep its start
-                    while line and not line.endswith(b"\n"):
-                        line = f.readline(MAX_LINE)
-                        pos += len(line)
-                    bad.append((b"", f"line at byte {pos} of {source} is longer than {MAX_LINE} bytes"))
-                    continue
                 bad.append((line, "torn last line (a write was interrupted)"))
                 continue
             if not line.strip():
@@ -264,6 +266,14 @@ def consumed(chunk: Chunk) -> None:
     (under the lock ``replaying()`` holds)."""
     taken = chunk.path if chunk.path.endswith(".replaying") else f"{chunk.path}.replaying"
     spill = taken[:-len(".replaying")]
+    tmp = f"{taken}.done.tmp"
+    if not chunk.last:
+        # the offset is written first: if that fails (a full disk), nothing was set aside yet,
+        # so the next replay of this chunk does not set its bad lines aside a second time.
+        # Not fsync'd: an offset lost in a crash only makes the next replay redo committed
+        # chunks, which is harmless (rows are idempotent by signal_id, updates re-apply in order)
+        with open(tmp, "wb") as f:
+            f.write(str(chunk.end).encode())
     for line, why in chunk.bad:
         if why.startswith("torn"):
             _set_aside(f"{spill}.torn-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}", line, why)
@@ -276,11 +286,6 @@ def consumed(chunk: Chunk) -> None:
         return
     if chunk.path != taken:   # the first chunk of the spill file: take the file, newer appends
         os.rename(chunk.path, taken)   # start a new one behind it
-    # not fsync'd: an offset lost in a crash only makes the next replay redo committed
-    # chunks, which is harmless (rows are idempotent by signal_id, updates re-apply in order)
-    tmp = f"{taken}.done.tmp"
-    with open(tmp, "wb") as f:
-        f.write(str(chunk.end).encode())
     os.replace(tmp, f"{taken}.done")
 
 
