@@ -8,6 +8,12 @@ back when this thread comes to write again; a lock held for a second with no own
 is taken back by anyone.  A lock held by this thread *and* busy belongs to a write that a
 signal handler interrupted on this same thread: a nested ``acquire()`` then fails at once
 (the nested caller must not write under it).
+
+"Held for a second with no owner" means: seen ownerless at every look for a second, within one
+generation of the lock (each successful acquire starts a new one).  A glimpse of a holder in
+the few bytecodes between its acquire and its owner assignment (or between clearing the owner
+and releasing) must never add up with a later glimpse of another holder: taking the lock from a
+live holder would put two writers on one connection.
 """
 from __future__ import annotations
 
@@ -32,8 +38,10 @@ class WriteLock:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._owner: Optional[int] = None
-        self._ownerless_since: Optional[float] = None
         self._reserved: Optional[Tuple[int, float]] = None   # (thread, until): see reserve()
+        self._generation = 0                                  # successful acquires so far
+        self._suspect: Optional[Tuple[int, float]] = None     # (generation, since): seen ownerless
+        self._take_back_guard = threading.Lock()               # one waiter takes a lock back
         self.busy = False
 
     def reserve(self, deadline: float) -> bool:
@@ -61,18 +69,31 @@ class WriteLock:
                 time.sleep(0.0005)   # someone reserved the lock: let it go first
                 continue
             if self._lock.acquire(timeout=min(0.25, seconds_until(deadline))):
-                self._owner, self._ownerless_since = me, None
+                self._owner = me
+                self._generation += 1
                 return True
-            now = time.monotonic()
-            if self._owner is None and self._lock.locked():
-                if self._ownerless_since is None:
-                    self._ownerless_since = now
-                elif now - self._ownerless_since > OWNERLESS_GRACE:
-                    log.error("the write lock was left held by an interrupted write; taking it back")
-                    self._ownerless_since = None
-                    self._lock.release()
-            if now >= deadline:
+            self._look_for_a_leak()
+            if time.monotonic() >= deadline:
                 return False
+
+    def _look_for_a_leak(self) -> None:
+        """Take the lock back when it has been seen held by nobody, in one generation, at every
+        look for ``OWNERLESS_GRACE`` seconds."""
+        if not self._take_back_guard.acquire(blocking=False):
+            return   # another waiter is looking
+        try:
+            now, generation = time.monotonic(), self._generation
+            if self._owner is not None or not self._lock.locked():
+                self._suspect = None
+            elif self._suspect is None or self._suspect[0] != generation:
+                self._suspect = (generation, now)
+            elif now - self._suspect[1] > OWNERLESS_GRACE:
+                log.error("the write lock was left held by an interrupted write; taking it back")
+                self._suspect = None
+                self._generation += 1
+                self._lock.release()
+        finally:
+            self._take_back_guard.release()
 
     def nested_here(self) -> bool:
         """True inside a signal handler that interrupted this thread's own write."""
