@@ -194,11 +194,11 @@ import argo_signals
 db = sys.argv[1]
 sig = {"symbol": "FORK", "action": "BUY", "entry_price": 1, "confidence": 1}
 """ + HOLD_LOCK + """
-locker = hold_lock(db, 0.6)            # the tracker's creation waits for it, holding the lock
-def work(i):
+locker = hold_lock(db, 0.4)            # the tracker's creation waits for it, holding the lock,
+def work(i):                            # well within the fork's 1 s bound
     return argo_signals.log_signal(dict(sig, strategy="child%d" % i))
 th = threading.Thread(target=argo_signals.log_signal, args=(sig,)); th.start()
-time.sleep(0.2)
+time.sleep(0.1)
 try:
     with multiprocessing.get_context("fork").Pool(2) as pool:
         ids = pool.map_async(work, range(6)).get(20)
