@@ -271,17 +271,3 @@ def waiting_state(db_path: str) -> Dict[str, Any]:
     if oldest is not None:
         out["waiting_update_oldest_s"] = round(max(0.0, time.time() - oldest), 3)
     return out
-    try:
-        conn = store.connect_readonly(db_path, timeout=1.0)
-    except sqlite3.Error:
-        return out
-    try:
-        n, oldest = store.waiting_summary(conn)
-    except sqlite3.Error:
-        return out
-    finally:
-        conn.close()
-    out["waiting_updates"] = n
-    if oldest is not None:
-        out["waiting_update_oldest_s"] = round(max(0.0, time.time() - oldest), 3)
-    return out
