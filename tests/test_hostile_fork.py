@@ -23,6 +23,21 @@ def hold_lock(db, seconds):
     return p
 """
 
+# In a test script: the child's wait status, or "hung" (then killed) if it has not ended in time.
+WAIT_CHILD = """
+def wait_child(pid, seconds):
+    import os, signal, time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return "hung"
+"""
+
 # A writer that is inside SQLite, in the middle of its transaction, for 0.3 s whenever it
 # inserts a row of strategy "slow" (a user function called by a temporary trigger).
 SLOW_WRITER = """
@@ -60,7 +75,7 @@ def test_fork_while_the_writer_is_inside_a_transaction_gives_children_that_write
     SQLite's in-process lock state; its first log_signal() waited out the retry budget on a
     lock nobody held, then spilled (not in the database when it returned)."""
     SignalTracker(db, register_atexit=False).close()   # the schema exists before on_connect
-    out = run_script(SLOW_WRITER + """
+    out = run_script(SLOW_WRITER + WAIT_CHILD + """
 def work(i):
     t0 = time.monotonic()
     sid = t.log_signal(sig(i))
@@ -78,15 +93,7 @@ if pid == 0:
     finally:
         os._exit(code)
 res["fork_s"] = round(time.monotonic() - t0, 2)
-deadline = time.monotonic() + 20
-while time.monotonic() < deadline:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-        break
-    time.sleep(0.01)
-else:
-    os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0); status = "hung"
-res["fork"] = status
+res["fork"] = wait_child(pid, 20)
 
 ctx = multiprocessing.get_context("fork")
 writer_busy()
@@ -114,7 +121,7 @@ def test_fork_that_cannot_wait_for_a_stuck_writer_still_gives_a_working_child(db
 import os, sqlite3, sys, threading, time
 from argo_signals import SignalTracker
 db = sys.argv[1]
-""" + HOLD_LOCK + """
+""" + HOLD_LOCK + WAIT_CHILD + """
 locker = hold_lock(db, 2.0)
 t = SignalTracker(db, sync_enabled=False, batch_size=1, busy_timeout=8, write_retry_budget=10,
                   register_atexit=False)
@@ -132,14 +139,7 @@ if pid == 0:
     finally:
         os._exit(code)
 fork_s = time.monotonic() - t0
-deadline = time.monotonic() + 20
-while time.monotonic() < deadline:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-        break
-    time.sleep(0.01)
-else:
-    os.kill(pid, 9); os.waitpid(pid, 0); status = "hung"
+status = wait_child(pid, 20)
 print(round(fork_s, 2), status, t.close(10))
 """, db, timeout=60)
     assert out.returncode == 0, out.stderr[-3000:]
