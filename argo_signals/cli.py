@@ -30,7 +30,7 @@ from .signal import FIELDS, HASH_FIELDS, RESERVED_COLUMNS, SignalValidationError
 from .sink import UNSAVED_PREFIX
 from .stats import percentile
 from .store import SYNC_STATUSES, ForeignDatabaseError, connect_readonly
-from .tracker import SignalTracker, default_db_path, sync_state, waiting_state
+from .tracker import SignalTracker, database_state, default_db_path, sync_state
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _DB_HELP = "SQLite database file (may also come before the command)."
@@ -668,8 +668,8 @@ def status(db_path: str, as_json: bool) -> None:
         last_error = read_last_error(conn)
     finally:
         conn.close()
-    st = sync_state(db_path)
-    waiting = waiting_state(db_path)
+    st = database_state(db_path)   # sync counts and waiting updates, one connection
+    waiting = {k: st[k] for k in ("waiting_updates", "waiting_update_oldest_s")}
     size = sum(os.path.getsize(p) for p in (db_path, db_path + "-wal") if os.path.exists(p))
     data = {"database": db_path, "signals": total,
             "by_sync_status": {"pending": st["sync_pending"], "synced": st["synced"],

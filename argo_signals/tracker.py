@@ -22,7 +22,7 @@ from .sync import Syncer, SyncConfig
 
 log = logging.getLogger("argo_signals")
 
-__all__ = ["SignalTracker", "default_db_path", "sync_state", "waiting_state"]
+__all__ = ["SignalTracker", "default_db_path", "sync_state", "database_state"]
 
 
 class SignalTracker:
@@ -143,8 +143,7 @@ class SignalTracker:
                                "state": self._engine.state.value}
         out.update(self._stats.snapshot())
         out["spill_pending"] = spill.pending_count(self.config.spill_path)
-        out.update(sync_state(self.db_path))
-        out.update(waiting_state(self.db_path))
+        out.update(database_state(self.db_path))   # one read-only connection for both
         if self._syncer is not None:
             out.update(self._syncer.stats())
         else:
@@ -239,15 +238,29 @@ def _read_db(db_path: str, read: Callable[[sqlite3.Connection], Any]) -> Optiona
         conn.close()
 
 
+def _sync_and_waiting(conn: sqlite3.Connection) -> Tuple[Dict[str, int], Any, Tuple[int, Optional[float]]]:
+    """Rows per sync status, the oldest pending row's created_at, and the waiting updates."""
+    oldest = conn.execute("SELECT created_at FROM signals WHERE sync_status = 'pending' "
+                          "ORDER BY id LIMIT 1").fetchone()
+    return store.status_counts(conn), oldest, store.waiting_summary(conn)
+
+
 def sync_state(db_path: str) -> Dict[str, Any]:
     """Counts by sync status and the sync lag, read from the database (zeros if it is absent)."""
+    return database_state(db_path, waiting=False)
+
+
+def database_state(db_path: str, waiting: bool = True) -> Dict[str, Any]:
+    """``sync_state`` plus (with ``waiting``) the updates waiting for their insert: how many,
+    and the oldest's age in seconds; all from one read-only connection."""
     out: Dict[str, Any] = {"synced": 0, "sync_pending": 0, "sync_rejected": 0, "sync_skipped": 0,
                            "sync_failed": 0, "sync_lag_s": None, "database_readable": False}
-    got = _read_db(db_path, lambda conn: (store.status_counts(conn), conn.execute(
-        "SELECT created_at FROM signals WHERE sync_status = 'pending' ORDER BY id LIMIT 1").fetchone()))
+    if waiting:
+        out.update(waiting_updates=0, waiting_update_oldest_s=None)
+    got = _read_db(db_path, _sync_and_waiting)
     if got is None:
         return out
-    counts, oldest = got
+    counts, oldest, (n_waiting, oldest_waiting) = got
     out["database_readable"] = True
     for status in ("synced", "pending", "rejected", "skipped", "failed"):
         key = "synced" if status == "synced" else f"sync_{status}"
@@ -257,17 +270,8 @@ def sync_state(db_path: str) -> Dict[str, Any]:
             out["sync_lag_s"] = round(time.time() - datetime.fromisoformat(oldest[0]).timestamp(), 3)
         except ValueError:
             pass
-    return out
-
-
-def waiting_state(db_path: str) -> Dict[str, Any]:
-    """Updates waiting in the database for their insert: how many, and the oldest's age (s)."""
-    out: Dict[str, Any] = {"waiting_updates": 0, "waiting_update_oldest_s": None}
-    got = _read_db(db_path, store.waiting_summary)
-    if got is None:
-        return out
-    n, oldest = got
-    out["waiting_updates"] = n
-    if oldest is not None:
-        out["waiting_update_oldest_s"] = round(max(0.0, time.time() - oldest), 3)
+    if waiting:
+        out["waiting_updates"] = n_waiting
+        if oldest_waiting is not None:
+            out["waiting_update_oldest_s"] = round(max(0.0, time.time() - oldest_waiting), 3)
     return out
