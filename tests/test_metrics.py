@@ -262,6 +262,19 @@ def test_serve_refuses_an_address_that_is_not_host_and_port(db, address):
     assert r.exit_code == 2 and "expected HOST:PORT" in r.output, (r.exit_code, r.output, r.exception)
 
 
+def _traversable_by_others(*paths):
+    """Let another user reach the checkout and its venv (a clone may live in a 0700 folder):
+    add the search bit where a folder on the way lacks it; returns what to restore."""
+    opened = []
+    for path in paths:
+        for d in [Path(path).resolve(), *Path(path).resolve().parents]:
+            mode = d.stat().st_mode & 0o7777
+            if not mode & 0o001 and d.is_dir() and (d, mode) not in opened:
+                d.chmod(mode | 0o001)
+                opened.append((d, mode))
+    return opened
+
+
 def test_metrics_read_a_database_whose_directory_this_user_cannot_write(tmp_path):
     """A monitoring user with read access only, while no process has the database open (no
     -wal/-shm file): SQLite cannot create the -shm a WAL database needs to be read."""
@@ -271,6 +284,7 @@ def test_metrics_read_a_database_whose_directory_this_user_cannot_write(tmp_path
             pytest.skip("root without setpriv cannot drop the write access")
         as_other = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
     where = Path(tempfile.mkdtemp(dir="/tmp" if as_other else tmp_path))
+    opened = _traversable_by_others(ROOT, Path(sys.executable).parent) if as_other else []
     try:
         db = where / "signals.db"
         with SignalTracker(db, sync_enabled=False, register_atexit=False) as t:
@@ -286,6 +300,8 @@ def test_metrics_read_a_database_whose_directory_this_user_cannot_write(tmp_path
     finally:
         where.chmod(0o755)
         shutil.rmtree(where)
+        for d, mode in opened:
+            d.chmod(mode)
 
 
 def test_serve_drops_a_connection_that_never_sends_a_request(db, monkeypatch):
