@@ -13,7 +13,7 @@ import typing as _t
 from . import lifecycle as _lifecycle
 
 from .config import Config
-from .signal import SignalValidationError, alpine_hash, new_signal_id, normalise
+from .record import SignalValidationError, alpine_hash, new_signal_id, normalise
 from .store import ForeignDatabaseError
 from .tracker import SignalTracker, default_db_path
 

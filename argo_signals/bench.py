@@ -26,7 +26,7 @@ import sqlite_utils
 
 from .costbench import STAGES, stage_budget, strategy_slowdown
 from .demo import signals as demo_signals
-from .signal import FINISHED_FIELDS, finish, normalise
+from .record import FINISHED_FIELDS, finish, normalise
 from .stats import percentile
 from .store import _INSERT_SQL, connect, ensure_schema, utc_now
 from .tracker import SignalTracker, sync_state

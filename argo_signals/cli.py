@@ -26,7 +26,7 @@ from . import spill
 from .config import env_flag
 from .outcomes import read_last_error
 from .safetext import escape_controls
-from .signal import FIELDS, HASH_FIELDS, RESERVED_COLUMNS, SignalValidationError, alpine_hash, normalise, recheck
+from .record import FIELDS, HASH_FIELDS, RESERVED_COLUMNS, SignalValidationError, alpine_hash, normalise, recheck
 from .sink import UNSAVED_PREFIX
 from .stats import percentile
 from .store import SYNC_STATUSES, ForeignDatabaseError, connect_readonly
@@ -774,7 +774,7 @@ def export(db_path: str, fmt: str, since: Optional[str], until: Optional[str], s
 
     In CSV, text starting with = + - @ TAB CR or ' gets a leading ' so that a spreadsheet
     shows it instead of running it as a formula; `ingest --csv` removes it again."""
-    from .signal import format_timestamp
+    from .record import format_timestamp
 
     clauses, params = [], []
     try:

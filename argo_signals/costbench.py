@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .config import Config
 from .engine import Engine
-from .signal import default_timestamp, finish, hash_row, new_signal_id, normalise
+from .record import default_timestamp, finish, hash_row, new_signal_id, normalise
 from .sink import INSERT, Entry, Outcome
 from .stats import Stats
 from .store import connect, ensure_schema, insert_params, insert_sql, utc_now

@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import spill
 from .demo import SIMULATED_SOURCE
-from .signal import SignalValidationError, format_timestamp
+from .record import SignalValidationError, format_timestamp
 from .stats import percentiles_of_counts
 from .store import connect_readonly, waiting_summary
 

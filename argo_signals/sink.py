@@ -24,7 +24,7 @@ from tenacity.stop import stop_base
 
 from . import spill
 from .config import Config
-from .signal import FIELDS, finish
+from .record import FIELDS, finish
 from .stats import Stats
 from .store import (BatchResult, ForeignDatabaseError, connect, connect_readonly, ensure_schema,
                     is_environment_error, overdue_waiting, write_batch)

@@ -29,7 +29,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from .signal import FIELDS, FINISHED_FIELDS, finish, normalise_update
+from .record import FIELDS, FINISHED_FIELDS, finish, normalise_update
 
 try:  # POSIX advisory locks; elsewhere a single process is assumed
     import fcntl

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 import sqlite_utils
 
-from .signal import FINISHED_FIELDS, UPDATABLE, DefaultTimestamp
+from .record import FINISHED_FIELDS, UPDATABLE, DefaultTimestamp
 
 __all__ = ["connect", "connect_readonly", "readonly_uri", "SYNC_STATUSES", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
            "SIGNAL_COLUMNS", "utc_now", "insert_sql", "insert_params", "status_counts", "claim_due", "reclaim",

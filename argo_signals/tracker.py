@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from . import lifecycle, spill, store
 from .config import Config, default_db_path
 from .engine import Engine, State
-from .signal import normalise, normalise_update
+from .record import normalise, normalise_update
 from .sink import INSERT, UPDATE, SQLiteSink
 from .stats import SYNC_LAG_BUCKETS, Histogram, Stats
 from .sync import Syncer, SyncConfig

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from argo_signals import SignalTracker, SignalValidationError
-from argo_signals.signal import as_dict, finish, normalise
+from argo_signals.record import as_dict, finish, normalise
 
-from test_signal import independent_hash
+from test_record import independent_hash
 
 KEYS = ["symbol", "action", "entry_price", "confidence", "target_price", "stop_price", "timestamp",
         "strategy", "asset_type", "data_source", "regime", "reasoning", "take_profit", "stop_loss",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from argo_signals import SignalTracker, spill
-from argo_signals.signal import FINISHED_FIELDS, finish, normalise
+from argo_signals.record import FINISHED_FIELDS, finish, normalise
 
 from conftest import LineReader, count, make_signal, rows, run_script, spawn_script, wait_for
 

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from argo_signals import SignalTracker, spill
-from argo_signals.signal import finish, normalise
+from argo_signals.record import finish, normalise
 
 from conftest import make_signal, run_script, wait_for
 

@@ -277,7 +277,7 @@ def test_update_of_a_spilled_insert_lands_after_replay(db):
 def test_bad_spill_lines_are_set_aside_and_the_rest_replays(db, caplog):
     good = SignalTracker(db, **QUIET)
     good.close()
-    from argo_signals.signal import FINISHED_FIELDS, finish, normalise
+    from argo_signals.record import FINISHED_FIELDS, finish, normalise
     valid = [dict(zip(FINISHED_FIELDS, finish(normalise(make_signal(i))))) for i in range(3)]
     bad_price = dict(valid[0], signal_id="bad-price", entry_price="abc")
     lines = ["123", "null", json.dumps({"update_of": "x"}), json.dumps(bad_price)]

@@ -82,4 +82,4 @@ def test_one_home_for_percentile_and_reserved_columns():
                 consts = {e.value for e in node.elts if isinstance(e, ast.Constant)}
                 if {"verification_hash", "sync_claim_until"} <= consts:
                     reserved.append(name)
-    assert reserved == ["signal.py"]
+    assert reserved == ["record.py"]

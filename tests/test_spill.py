@@ -6,7 +6,7 @@ import time
 import pytest
 
 from argo_signals import spill
-from argo_signals.signal import FINISHED_FIELDS, finish, normalise
+from argo_signals.record import FINISHED_FIELDS, finish, normalise
 
 from conftest import make_signal
 

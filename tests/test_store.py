@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from argo_signals import SignalTracker, SignalValidationError
 from argo_signals import store
-from argo_signals.signal import FINISHED_FIELDS, as_dict, finish, normalise
+from argo_signals.record import FINISHED_FIELDS, as_dict, finish, normalise
 
 from conftest import make_signal, rows
 

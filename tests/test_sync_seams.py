@@ -24,7 +24,7 @@ from argo_signals.cli import main
 from argo_signals.config import Config
 from argo_signals.delivery import Redactor, safe_url
 from argo_signals.drain import drain
-from argo_signals.signal import SignalValidationError, finish, normalise
+from argo_signals.record import SignalValidationError, finish, normalise
 from argo_signals.sync import Syncer, SyncConfig
 from argo_signals.testing import AlpineServer
 from conftest import make_signal, rows, wait_for

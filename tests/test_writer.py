@@ -7,7 +7,7 @@ import time
 import pytest
 
 from argo_signals import SignalTracker, SignalValidationError
-from argo_signals.signal import finish, normalise
+from argo_signals.record import finish, normalise
 from argo_signals.store import connect, ensure_schema, write_batch
 
 from conftest import count, make_signal, produce_in_threads, rows, seqs_of, wait_for
@@ -123,7 +123,7 @@ def test_neutral_and_none_prices_persist(db):
 
 
 def test_bad_inputs_raise_while_good_ones_around_them_persist(db):
-    from test_signal import BAD
+    from test_record import BAD
     with SignalTracker(db, **QUIET) as t:
         good = []
         for i, (override, field) in enumerate(BAD):
@@ -136,7 +136,7 @@ def test_bad_inputs_raise_while_good_ones_around_them_persist(db):
 
 
 def test_stored_hash_matches_independent_computation(db):
-    from test_signal import independent_hash
+    from test_record import independent_hash
     with SignalTracker(db, **QUIET) as t:
         for i, price in enumerate([1, 2.5, "3.25", 4]):
             t.log_signal(make_signal(i, entry_price=price, target_price=None if i % 2 else 9))

@@ -1,4 +1,4 @@
-"""The signal: validation and normalisation (caller's thread), ids, and the Alpine hash.
+"""A signal record: validation and normalisation (caller's thread), ids, and the Alpine hash.
 
 ``normalise()`` runs on the producer's thread, so it is kept lean: it checks every field,
 converts numbers to float and returns a tuple in ``FIELDS`` order.  Work that cannot fail

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from argo_signals import SignalValidationError, alpine_hash, new_signal_id
-from argo_signals.signal import as_dict, finish, normalise, normalise_update
+from argo_signals.record import as_dict, finish, normalise, normalise_update
 
 GOOD = {"symbol": "AAPL", "action": "BUY", "entry_price": 190.5, "confidence": 80}
 
@@ -147,7 +147,7 @@ def test_fast_hash_is_byte_for_byte_the_receivers_json_dumps(sid, symbol, strate
 
 @given(st.floats(min_value=0, max_value=4102444800))
 def test_default_timestamp_format_is_exact_utc_iso(ts):
-    from argo_signals.signal import _utc_iso
+    from argo_signals.record import _utc_iso
     text = _utc_iso(ts)
     parsed = datetime.fromisoformat(text)
     assert parsed.utcoffset() == timedelta(0) and text.endswith("+00:00") and len(text) == 32
@@ -250,7 +250,7 @@ def test_ascii_action_forms(action, want):
 
 
 def test_recheck_accepts_what_log_signal_stores_and_names_what_differs():
-    from argo_signals.signal import recheck
+    from argo_signals.record import recheck
     from argo_signals.demo import signals
     import itertools
     for sig in itertools.islice(signals(3), 200):
