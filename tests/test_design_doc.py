@@ -1,7 +1,8 @@
 """docs/design.md stays a true map of the code.
 
 - its module table has one row per module of ``argo_signals/`` (and no row for a module that
-  does not exist), and each row's imports column lists what that module imports from the package;
+  does not exist), and each row's imports column lists what that module imports from the package
+  (read as a graph, without a cycle);
 - every ``module.function`` / ``Class.method`` named in backticks in its trace sections exists;
 - every relative link points to an existing file.
 
@@ -9,6 +10,7 @@ The checkers work on a text (and a package folder), so each test also shows that
 bad table, name or link.
 """
 import ast
+import graphlib
 import re
 import shutil
 from pathlib import Path
@@ -217,6 +219,16 @@ def imports_column_problems(text: str, pkg: Path) -> List[str]:
     return problems
 
 
+def cycle_problems(text: str) -> List[str]:
+    """The table's imports, read as a graph, have no cycle ("dependencies point one way")."""
+    graph = {names[0][:-3]: set(imports) for names, imports in module_rows(text) if len(names) == 1}
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as exc:
+        return [f"import cycle: {' -> '.join(exc.args[1])}"]
+    return []
+
+
 def name_problems(text: str, pkg: Path) -> List[str]:
     index = Index(pkg)
     return [p for p in (index.problem(name) for name in trace_names(text)) if p]
@@ -268,6 +280,14 @@ def test_the_imports_check_catches_a_new_import_and_a_stale_one(tmp_path):
     stale = text.replace(row, row.replace("| `sync` |", "| `sync`, `store` |"))
     assert imports_column_problems(stale, PKG) == [
         "drain.py imports: the table misses [], lists ['store'] it does not import"]
+
+
+def test_dependencies_point_one_way():
+    text = DOC.read_text(encoding="utf-8")
+    assert cycle_problems(text) == []
+    row = next(line for line in text.splitlines() if line.startswith("| `record.py` |"))
+    looped = text.replace(row, row.replace("| — |", "| `sink` |"))
+    assert len(cycle_problems(looped)) == 1 and "record" in cycle_problems(looped)[0]
 
 
 def test_every_name_in_the_traces_exists():
