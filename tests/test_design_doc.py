@@ -3,7 +3,8 @@
 - its module table has one row per module of ``argo_signals/`` (and no row for a module that
   does not exist), and each row's imports column lists what that module imports from the package
   (read as a graph, without a cycle);
-- every ``module.function`` / ``Class.method`` named in backticks in its trace sections exists;
+- every ``module.function`` / ``Class.method`` named in backticks in its trace sections and its
+  table of the engine's shared state exists;
 - every relative link points to an existing file.
 
 The checkers work on a text (and a package folder), so each test also shows that they catch a
@@ -21,6 +22,8 @@ DOC = ROOT / "docs" / "design.md"
 PKG = ROOT / "argo_signals"
 PACKAGE = "argo_signals"
 
+# Sections whose dotted names in backticks must exist.
+CHECKED_SECTIONS = ("Trace", "Shared state of the engine")
 # Dotted names in the traces that belong to the standard library, not to the package.
 EXTERNAL = {"threading", "queue"}
 
@@ -64,10 +67,10 @@ def module_rows(text: str) -> List[Tuple[List[str], List[str]]]:
 
 
 def trace_names(text: str) -> List[str]:
-    """Dotted names in backticks in the sections whose heading starts with "Trace"."""
+    """Dotted names in backticks in the traces and the engine's shared-state table."""
     names = []
     for heading, body in sections(text).items():
-        if heading.startswith("Trace"):
+        if heading.startswith(CHECKED_SECTIONS):
             for span in re.findall(r"`([^`]+)`", body):
                 if _DOTTED.match(span) and not span.endswith(".py"):   # a file name is a link's text
                     names.append(span[:-2] if span.endswith("()") else span)
