@@ -145,14 +145,19 @@ def connect(path: str, durability: str = "normal", busy_timeout: float = 5.0) ->
     return conn
 
 
-def readonly_uri(path: str) -> str:
-    """A ``file:`` URI opening exactly ``path`` read-only (``%``, ``?``, ``#`` are escaped)."""
-    return f"file:{urllib.parse.quote(os.fsencode(os.path.abspath(path)), safe='/')}?mode=ro"
+def readonly_uri(path: str, immutable: bool = False) -> str:
+    """A ``file:`` URI opening exactly ``path`` read-only (``%``, ``?``, ``#`` are escaped).
+
+    With ``immutable`` SQLite reads the file as it is, without locks nor a ``-shm``: only for
+    a file nothing is writing (see ``dbstate``)."""
+    uri = f"file:{urllib.parse.quote(os.fsencode(os.path.abspath(path)), safe='/')}?mode=ro"
+    return uri + "&immutable=1" if immutable else uri
 
 
-def connect_readonly(path: str, timeout: float = 5.0) -> sqlite3.Connection:
-    """Open ``path`` read-only; raises ``sqlite3.OperationalError`` if it does not exist."""
-    return sqlite3.connect(readonly_uri(path), uri=True, timeout=timeout)
+def connect_readonly(path: str, timeout: float = 5.0, immutable: bool = False) -> sqlite3.Connection:
+    """Open ``path`` read-only (the one way this package opens a database for reading); raises
+    ``sqlite3.OperationalError`` if it does not exist.  ``immutable``: see ``readonly_uri``."""
+    return sqlite3.connect(readonly_uri(path, immutable), uri=True, timeout=timeout)
 
 
 @contextlib.contextmanager
