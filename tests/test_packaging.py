@@ -83,3 +83,11 @@ def test_one_home_for_percentile_and_reserved_columns():
                 if {"verification_hash", "sync_claim_until"} <= consts:
                     reserved.append(name)
     assert reserved == ["record.py"]
+
+
+def test_only_lifecycle_registers_fork_hooks():
+    """``lifecycle`` is the one owner of process events: other modules go through
+    ``lifecycle.after_fork_in_child`` (or ``guard_fork``/``watch``)."""
+    callers = sorted(name for name, tree in _trees().items()
+                     if any(isinstance(n, ast.Attribute) and n.attr == "register_at_fork" for n in ast.walk(tree)))
+    assert callers == ["lifecycle.py"]
