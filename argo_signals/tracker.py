@@ -268,7 +268,7 @@ def database_state(db_path: str, waiting: bool = True) -> Dict[str, Any]:
         return out
     counts, oldest, (n_waiting, oldest_waiting) = got
     out["database_readable"] = True
-    for status in ("synced", "pending", "rejected", "skipped", "failed"):
+    for status in store.SYNC_STATUSES:
         key = "synced" if status == "synced" else f"sync_{status}"
         out[key] = counts.get(status, 0)
     if oldest:
