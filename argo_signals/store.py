@@ -54,7 +54,6 @@ _DEFAULTED_TS_SKIP = frozenset(("timestamp", "sha256"))
 _INSERT_COLUMNS = FINISHED_FIELDS + ("created_at",)
 _ROW = f"({', '.join('?' * len(_INSERT_COLUMNS))})"
 _INSERT_HEAD = f"INSERT OR IGNORE INTO signals ({', '.join(_INSERT_COLUMNS)}) VALUES "
-_INSERT_SQL = _INSERT_HEAD + _ROW  # one row: what the benchmark's executemany reference uses
 # Rows per multi-row INSERT: as many as the bound-parameter limit allows (32766 since SQLite
 # 3.32, 999 before), up to 500.  One statement per few hundred rows means one sqlite3_step, so
 # the GIL is dropped and re-taken once per statement instead of once per row (executemany):
@@ -66,7 +65,8 @@ _multi_sql: Dict[int, str] = {}
 
 
 def insert_sql(n: int) -> str:
-    """The statement inserting ``n`` rows (bind values from ``insert_params()``)."""
+    """The statement inserting ``n`` rows (bind values from ``insert_params()``); ``insert_sql(1)``
+    is the one-row statement the benchmark's ``executemany`` reference uses."""
     sql = _multi_sql.get(n)
     if sql is None:
         sql = _multi_sql[n] = _INSERT_HEAD + ", ".join([_ROW] * n)
