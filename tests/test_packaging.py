@@ -132,3 +132,19 @@ def test_the_private_name_check_sees_both_forms():
     tree = ast.parse("from . import spill, store as _store\nfrom .record import _reseed_ids, FIELDS\n"
                      "x = spill._thread_lock\ny = _store.connect\nz = _store._patiently\nw = self._pid\n")
     assert _private_uses(tree) == ["_store._patiently", "from .record import _reseed_ids", "spill._thread_lock"]
+
+
+def test_the_test_command_type_checks_the_package():
+    """README's test command (which .ci/run runs verbatim: test_docs) ends with mypy, installed
+    by the test extra and set up in setup.cfg, so a type error fails it as a failing test does."""
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert cfg["mypy"].getboolean("check_untyped_defs")
+    extra = [line.strip().split(">")[0].split("=")[0].split("<")[0].strip()
+             for line in cfg["options.extras_require"]["test"].split("\n") if line.strip()]
+    assert "mypy" in extra
+    readme = (ROOT / "README.md").read_text()
+    command = [line for line in readme.splitlines() if line.startswith("python3 -m venv") and "pytest" in line]
+    assert len(command) == 1
+    steps = [step.strip() for step in command[0].split("&&")]
+    assert steps[-2].startswith(".venv/bin/python -m pytest ") and steps[-1] == ".venv/bin/mypy argo_signals"
