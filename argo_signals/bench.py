@@ -28,7 +28,7 @@ from .costbench import STAGES, stage_budget, strategy_slowdown
 from .demo import signals as demo_signals
 from .record import FINISHED_FIELDS, finish, normalise
 from .stats import percentile
-from .store import _INSERT_SQL, connect, ensure_schema, utc_now
+from .store import connect, ensure_schema, insert_sql, utc_now
 from .tracker import SignalTracker, sync_state
 
 GOALS = {
@@ -105,10 +105,11 @@ def raw(tmp: str, rows: List[tuple], batch: int, durability: str = "normal") -> 
     path = _fresh(tmp)
     conn = connect(path, durability)
     ensure_schema(conn)
+    one_row = insert_sql(1)
     start = time.perf_counter()
     for i in range(0, len(rows), batch):
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(_INSERT_SQL, rows[i:i + batch])
+        conn.executemany(one_row, rows[i:i + batch])
         conn.execute("COMMIT")
     elapsed = time.perf_counter() - start
     conn.close()

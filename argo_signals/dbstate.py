@@ -77,7 +77,7 @@ def _open(db_path: str, timeout: float) -> sqlite3.Connection:
         conn.close()
         if "readonly" not in str(exc) or os.path.exists(f"{db_path}-wal"):
             raise
-    return sqlite3.connect(store.readonly_uri(db_path) + "&immutable=1", uri=True, timeout=timeout)
+    return store.connect_readonly(db_path, timeout=timeout, immutable=True)
 
 
 def read_state(db_path: str, now: Optional[float] = None, timeout: float = 5.0) -> DatabaseState:

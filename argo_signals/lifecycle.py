@@ -14,7 +14,9 @@ Trackers and syncs register callbacks here (``watch``).  The engine and the sync
   not leave within the bound; even then the child never uses nor closes an inherited
   connection.  Our SQLite work outside the engines' write locks (the sync's claims and
   outcomes, a tracker's creation) runs inside ``sqlite_work()``, which a fork waits for too.
-  ``forked_child()`` tells whether this process was made by such a fork.
+  ``forked_child()`` tells whether this process was made by such a fork.  Module state a child
+  must draw or create again (the id seed, the spill file's thread lock) is registered with
+  ``after_fork_in_child()``: no other module calls ``os.register_at_fork``.
 - On SIGTERM/SIGINT (when asked): the handler never writes.  It turns the signal into an
   exception in the main thread (``KeyboardInterrupt`` through Python's own SIGINT handler,
   ``SystemExit`` for SIGTERM), so the stack unwinds and every lock is released; the bounded
@@ -35,8 +37,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 log = logging.getLogger("argo_signals")
 
-__all__ = ["EXITING", "FORK_WAIT", "watch", "unwatch", "guard_fork", "forked_child", "sqlite_work",
-           "install_signal_handlers", "closing"]
+__all__ = ["EXITING", "FORK_WAIT", "watch", "unwatch", "guard_fork", "after_fork_in_child", "forked_child",
+           "sqlite_work", "install_signal_handlers", "closing"]
 
 EXITING = threading.Event()
 FORK_WAIT = 1.0   # seconds a fork waits, at most, for our threads to leave SQLite and our locks
@@ -47,6 +49,7 @@ _watched: Dict[int, Tuple[Callable[..., Any], ...]] = {}
 _guards: List[Tuple[BeforeFork, Callable[[], Any], Callable[[], Any]]] = []
 _forked = False                       # this process is a child made by os.fork()
 _in_parent: List[Callable[[], Any]] = []   # what a fork in progress must release in the parent
+_child_resets: List[Callable[[], Any]] = []   # after_fork_in_child(), in registration order
 _watch_lock = threading.Lock()
 _installed = False
 
@@ -84,6 +87,14 @@ def guard_fork(before: BeforeFork, after_in_parent: Callable[[], Any],
                after_in_child: Callable[[], Any]) -> None:
     """Module-level fork hooks (for a module's own locks), run before every tracker's."""
     _guards.append((before, after_in_parent, after_in_child))
+
+
+def after_fork_in_child(fn: Callable[[], Any]) -> None:
+    """Call ``fn()`` in every child made by ``os.fork()`` (trackers or not), after this module's
+    own reset and every tracker's, in the order of registration: for module state that a child
+    must draw or create again (an id seed, a lock nothing takes across a fork).  This module is
+    the only one that registers with ``os.register_at_fork``."""
+    _child_resets.append(fn)
 
 
 # Threads of ours doing SQLite work outside an engine's write lock (the sync's claims and
@@ -222,12 +233,21 @@ def _in_child() -> None:
     _watch_lock = threading.Lock()
     EXITING.clear()   # a child forked while its parent exits has its own life ahead
     _closing_depth, _deferred = 0, None
-    for _, _, after_in_child in _guards:
-        try:
-            after_in_child()
-        except Exception:
-            log.exception("resetting after fork failed")
-    _call_all(2, "resetting after fork")
+    try:
+        for _, _, after_in_child in _guards:
+            try:
+                after_in_child()
+            except Exception:
+                log.exception("resetting after fork failed")
+        _call_all(2, "resetting after fork")
+    finally:
+        # last, and even when a tracker's hook raised: as when each module registered its own
+        # at-fork hook after this one (the package imports this module first)
+        for reset in list(_child_resets):
+            try:
+                reset()
+            except Exception:
+                log.exception("resetting after fork failed")
 
 
 if hasattr(os, "register_at_fork"):

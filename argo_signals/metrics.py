@@ -24,13 +24,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .dbstate import read_state
 from .stats import PERSIST_TRIGGERS
+from .store import SYNC_STATUSES   # label order of argo_signals_signals: the store's own
 
 __all__ = ["TrackerCollector", "DatabaseCollector", "exposition", "MetricsServer",
            "TRACKER_METRICS", "DATABASE_METRICS", "SYNC_FAILURES"]
 
 log = logging.getLogger("argo_signals")
 
-SYNC_STATUSES = ("pending", "synced", "rejected", "skipped", "failed")
 # Delivery attempts that left the row unsettled, by what the receiver (or the network) said.
 SYNC_FAILURES = ("transient", "unreachable", "auth", "redirect", "endpoint")
 WRITER_STATES = ("open", "degraded", "closing", "closed")

@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from . import lifecycle
+
 __all__ = [
     "SignalValidationError",
     "FIELDS",
@@ -200,8 +202,7 @@ def _reseed_ids() -> None:
 
 
 _reseed_ids()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reseed_ids)
+lifecycle.after_fork_in_child(_reseed_ids)
 
 
 def new_signal_id(now: Optional[float] = None) -> str:

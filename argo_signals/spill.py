@@ -29,6 +29,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
+from . import lifecycle
 from .record import FIELDS, FINISHED_FIELDS, finish, normalise_update
 
 try:  # POSIX advisory locks; elsewhere a single process is assumed
@@ -75,8 +76,7 @@ def _reinit_after_fork() -> None:
     _thread_lock = threading.Lock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_after_fork)
+lifecycle.after_fork_in_child(_reinit_after_fork)
 
 
 @contextlib.contextmanager

@@ -54,7 +54,6 @@ _DEFAULTED_TS_SKIP = frozenset(("timestamp", "sha256"))
 _INSERT_COLUMNS = FINISHED_FIELDS + ("created_at",)
 _ROW = f"({', '.join('?' * len(_INSERT_COLUMNS))})"
 _INSERT_HEAD = f"INSERT OR IGNORE INTO signals ({', '.join(_INSERT_COLUMNS)}) VALUES "
-_INSERT_SQL = _INSERT_HEAD + _ROW  # one row: what the benchmark's executemany reference uses
 # Rows per multi-row INSERT: as many as the bound-parameter limit allows (32766 since SQLite
 # 3.32, 999 before), up to 500.  One statement per few hundred rows means one sqlite3_step, so
 # the GIL is dropped and re-taken once per statement instead of once per row (executemany):
@@ -66,7 +65,8 @@ _multi_sql: Dict[int, str] = {}
 
 
 def insert_sql(n: int) -> str:
-    """The statement inserting ``n`` rows (bind values from ``insert_params()``)."""
+    """The statement inserting ``n`` rows (bind values from ``insert_params()``); ``insert_sql(1)``
+    is the one-row statement the benchmark's ``executemany`` reference uses."""
     sql = _multi_sql.get(n)
     if sql is None:
         sql = _multi_sql[n] = _INSERT_HEAD + ", ".join([_ROW] * n)
@@ -145,14 +145,19 @@ def connect(path: str, durability: str = "normal", busy_timeout: float = 5.0) ->
     return conn
 
 
-def readonly_uri(path: str) -> str:
-    """A ``file:`` URI opening exactly ``path`` read-only (``%``, ``?``, ``#`` are escaped)."""
-    return f"file:{urllib.parse.quote(os.fsencode(os.path.abspath(path)), safe='/')}?mode=ro"
+def readonly_uri(path: str, immutable: bool = False) -> str:
+    """A ``file:`` URI opening exactly ``path`` read-only (``%``, ``?``, ``#`` are escaped).
+
+    With ``immutable`` SQLite reads the file as it is, without locks nor a ``-shm``: only for
+    a file nothing is writing (see ``dbstate``)."""
+    uri = f"file:{urllib.parse.quote(os.fsencode(os.path.abspath(path)), safe='/')}?mode=ro"
+    return uri + "&immutable=1" if immutable else uri
 
 
-def connect_readonly(path: str, timeout: float = 5.0) -> sqlite3.Connection:
-    """Open ``path`` read-only; raises ``sqlite3.OperationalError`` if it does not exist."""
-    return sqlite3.connect(readonly_uri(path), uri=True, timeout=timeout)
+def connect_readonly(path: str, timeout: float = 5.0, immutable: bool = False) -> sqlite3.Connection:
+    """Open ``path`` read-only (the one way this package opens a database for reading); raises
+    ``sqlite3.OperationalError`` if it does not exist.  ``immutable``: see ``readonly_uri``."""
+    return sqlite3.connect(readonly_uri(path, immutable), uri=True, timeout=timeout)
 
 
 @contextlib.contextmanager

@@ -85,7 +85,7 @@ class SignalTracker:
         Raises ``TypeError`` if ``signal`` is not a mapping and ``SignalValidationError``
         (a ``ValueError``) naming the field for bad values; nothing is queued then.
         """
-        if self._pid != os.getpid():
+        if _forked_since(self._pid):
             self._after_fork()
         row = normalise(signal)
         self._put((INSERT, row, time.monotonic()))
@@ -100,7 +100,7 @@ class SignalTracker:
         update of a signal not in the database yet (logged by another process, say) waits in
         the database and is applied when that signal's insert is committed.
         """
-        if self._pid != os.getpid():
+        if _forked_since(self._pid):
             self._after_fork()
         if not isinstance(signal_id, str) or not signal_id:
             raise TypeError("signal_id must be a non-empty string")
@@ -112,7 +112,7 @@ class SignalTracker:
         False on timeout, or while some of it is only in the spill file (``stats()
         ["spill_pending"]``); a flush replays the spill first when the database is writable.
         """
-        if self._pid != os.getpid():
+        if _forked_since(self._pid):
             self._after_fork()
         return self._engine.flush(timeout)
 
@@ -203,18 +203,24 @@ class _Parts:
         return ok
 
     def close_at_exit(self) -> None:
-        if self.pid == os.getpid():
+        if not _forked_since(self.pid):
             self.close(self.config.atexit_timeout)
 
     def after_fork(self) -> None:
         """In a forked child: start empty, writing synchronously, with a fresh connection."""
-        if self.pid == os.getpid():
+        if not _forked_since(self.pid):
             return
         self.pid = os.getpid()
         self.stats.__init__()  # type: ignore[misc]
         self.engine.after_fork_in_child()
         if self.syncer is not None:
             self.syncer.after_fork_in_child()
+
+
+def _forked_since(pid: int) -> bool:
+    """True when the object that noted ``pid`` (its process at creation or last reset) was made
+    before a fork: this process is a child that inherited it and has not reset it yet."""
+    return pid != os.getpid()
 
 
 def _count_value(counter: "itertools.count[int]") -> int:
@@ -262,7 +268,7 @@ def database_state(db_path: str, waiting: bool = True) -> Dict[str, Any]:
         return out
     counts, oldest, (n_waiting, oldest_waiting) = got
     out["database_readable"] = True
-    for status in ("synced", "pending", "rejected", "skipped", "failed"):
+    for status in store.SYNC_STATUSES:
         key = "synced" if status == "synced" else f"sync_{status}"
         out[key] = counts.get(status, 0)
     if oldest:

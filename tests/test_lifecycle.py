@@ -332,3 +332,62 @@ def test_tracker_dropped_without_close_is_still_written_at_exit(db):
     """, db)
     assert out.returncode == 0, out.stderr
     assert count(db) == 300
+
+
+# -- module state re-created in a forked child ----------------------------------------------------
+FORK_RESETS = """
+import json, os, sys, time
+from argo_signals import SignalTracker, lifecycle, record, spill
+db = sys.argv[1]
+calls = []
+lifecycle.after_fork_in_child(lambda: calls.append("first"))
+lifecycle.after_fork_in_child(lambda: calls.append("second"))
+
+def node(signal_id):            # the per-process random bits of an id (UUIDv7 layout)
+    parts = signal_id.split("-")
+    return parts[2][1:] + parts[3]
+
+def fork_and_report():
+    # the parent holds the spill file's lock across the fork, as a thread spilling would
+    with spill._locked(spill.spill_path(db)):
+        parent_node = node(record.new_signal_id())
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                try:
+                    with spill._locked(spill.spill_path(db), timeout=2.0):
+                        lock = "free"
+                except OSError as exc:
+                    lock = str(exc)
+                out = {"calls": calls, "lock": lock, "new_node": node(record.new_signal_id()) != parent_node}
+                os.write(w, json.dumps(out).encode())
+            finally:
+                os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        got = json.loads(f.read() or "null")
+    deadline = time.monotonic() + 10
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        assert time.monotonic() < deadline, "child hung"
+        time.sleep(0.01)
+    return got
+
+before = fork_and_report()          # no tracker exists yet
+t = SignalTracker(db, sync_enabled=False, register_atexit=False)
+after = fork_and_report()
+t.close()
+print(json.dumps([before, after]))
+"""
+
+
+def test_fork_resets_run_in_every_child_in_registration_order(db):
+    """What modules register with ``lifecycle.after_fork_in_child`` runs in a forked child
+    whether or not a tracker exists: the child draws new id bits and gets a spill lock that the
+    parent's holder cannot keep from it."""
+    p = run_script(FORK_RESETS, db, timeout=60)
+    assert p.returncode == 0, p.stderr
+    before, after = json.loads(p.stdout.strip().splitlines()[-1])
+    for child in (before, after):
+        assert child == {"calls": ["first", "second"], "lock": "free", "new_node": True}
