@@ -1,9 +1,12 @@
 """The read-only views (status, verify, tail rows), the sync command's setup and the demo's
 counts, as library functions: one list of sync statuses, one environment reader."""
+import re
 import sqlite3
+from pathlib import Path
 
 import pytest
 
+import argo_signals
 from argo_signals import SignalTracker, dbview, demo_run, sync_now
 from argo_signals.config import alpine_target
 from argo_signals.store import SYNC_STATUSES
@@ -101,3 +104,10 @@ def test_sync_of_a_missing_database_is_exit_1(tmp_path):
     with pytest.raises(sync_now.SyncSetupError) as caught:
         sync_now.push(str(tmp_path / "none.db"), "http://127.0.0.1:1")
     assert caught.value.exit_status == 1 and caught.value.line == f"Error: no database at {tmp_path / 'none.db'}"
+
+
+def test_only_config_reads_the_environment():
+    package = Path(argo_signals.__file__).parent
+    readers = sorted(p.name for p in package.glob("*.py")
+                     if re.search(r"os\.environ|os\.getenv|getenv\(", p.read_text(encoding="utf-8")))
+    assert readers == ["config.py"]
