@@ -8,13 +8,14 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import click
 
 from .cliparts import (COUNT, DB_DEFAULT, POSITIVE, SECONDS, Commands, Number, db_option, host_port,
-                       isatty, json_option, progress, quiet_option, quiet_stdout)
+                       isatty, json_option, progress_bar, quiet_option, quiet_stdout)
 from .dbview import DatabaseUnavailable, json_value, open_existing
+from .progress import Progress
 from .safetext import escape_controls
 from .store import SYNC_STATUSES
 
@@ -59,9 +60,9 @@ def main(ctx: click.Context, verbose: bool, db_path: Optional[str]) -> None:
         logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def _bar(quiet: bool) -> Callable[[Optional[int], str], Any]:
+def _bar(quiet: bool) -> Progress:
     """A progress(length, label) for the library functions: the bar, or none when quiet."""
-    return lambda length, label: progress(length, label, quiet)
+    return lambda length, label: progress_bar(length, label, quiet)
 
 
 # -- demo ---------------------------------------------------------------------------------------

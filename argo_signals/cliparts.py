@@ -15,10 +15,11 @@ from typing import Any, Callable, Iterator, Optional, Tuple, TypeVar
 import click
 
 from .config import default_db_path
+from .progress import no_progress
 from .safetext import escape_controls
 from .store import ForeignDatabaseError
 
-__all__ = ["db_option", "Number", "SECONDS", "COUNT", "POSITIVE", "json_option", "quiet_option", "progress",
+__all__ = ["db_option", "Number", "SECONDS", "COUNT", "POSITIVE", "json_option", "quiet_option", "progress_bar",
            "Commands", "quiet_stdout", "isatty", "host_port", "DB_DEFAULT"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -67,13 +68,11 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar
 
 
 @contextmanager
-def progress(length: Optional[int], label: str, quiet: bool) -> Iterator[Any]:
+def progress_bar(length: Optional[int], label: str, quiet: bool) -> Iterator[Any]:
     """click.progressbar on stderr, or a no-op when quiet or stderr is not a terminal."""
     if quiet or not sys.stderr.isatty():
-        class _Null:
-            def update(self, n: int) -> None:
-                pass
-        yield _Null()
+        with no_progress(length, label) as silent:
+            yield silent
         return
     bar: Any
     with click.progressbar(length=length, label=label, file=sys.stderr) as bar:

@@ -11,18 +11,18 @@ import sqlite3
 import threading
 import time
 import uuid
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, ContextManager, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .config import alpine_target, env_flag
 from .demo import outcome_picker, session_time, signals
+from .progress import Progress, no_progress
 from .stats import percentile
 from .store import SYNC_STATUSES, connect_readonly
 from .tracker import SignalTracker
 
-__all__ = ["DemoError", "DemoResult", "Progress", "SUMMARY_SYNC_ORDER", "run", "run_sync_counts",
+__all__ = ["DemoError", "DemoResult", "SUMMARY_SYNC_ORDER", "run", "run_sync_counts",
            "run_sync_lag_ms", "wait_synced"]
 
 # The demo's summary lists the sync statuses in this order (synced first: what the run is
@@ -33,18 +33,6 @@ SUMMARY_SYNC_ORDER = ("synced", "pending", "skipped", "rejected", "failed")
 
 def _summary_position(status: str) -> int:
     return SUMMARY_SYNC_ORDER.index(status) if status in SUMMARY_SYNC_ORDER else len(SUMMARY_SYNC_ORDER)
-
-
-Progress = Callable[[Optional[int], str], ContextManager[Any]]
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-
-def _no_progress(length: Optional[int], label: str) -> ContextManager[Any]:
-    return nullcontext(_NoBar())
 
 
 class DemoError(ValueError):
@@ -60,7 +48,7 @@ class DemoResult:
 
 def run(db_path: str, count: int = 2000, producers: int = 4, rate: float = 0.0,
         alpine_url: Optional[str] = None, no_sync: bool = False,
-        progress: Progress = _no_progress) -> DemoResult:
+        progress: Progress = no_progress) -> DemoResult:
     """The demo: without ``alpine_url``, ``$ALPINE_API_URL`` or ``no_sync`` (or
     ``ALPINE_SYNC_ENABLED=false``) it syncs to a local stand-in receiver, stopped at the end."""
     stand_in = None
@@ -238,7 +226,7 @@ def run_sync_counts(db_path: str, ids: List[str]) -> Dict[str, int]:
     return out
 
 
-def wait_synced(tracker: SignalTracker, db_path: str, ids: List[str], progress: Progress = _no_progress,
+def wait_synced(tracker: SignalTracker, db_path: str, ids: List[str], progress: Progress = no_progress,
                 patience: float = 5.0) -> None:
     """The demo's sync phase: progress over this run's signals until none is pending, or until
     nothing has moved for ``patience`` seconds."""

@@ -10,11 +10,11 @@ import csv
 import itertools
 import json
 import uuid
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from .export import unescape_cell
+from .progress import Progress, no_progress
 from .record import FIELDS, RESERVED_COLUMNS, SignalValidationError, normalise
 from .sink import UNSAVED_PREFIX
 from .tracker import SignalTracker
@@ -191,7 +191,7 @@ class IngestResult:
 
 def run(db_path: str, items: Iterable[Any], dedupe: bool = False, strict: bool = False,
         on_bad: Optional[Callable[[int, Union[Exception, str]], None]] = None,
-        progress: Optional[Callable[[Optional[int], str], ContextManager[Any]]] = None) -> IngestResult:
+        progress: Progress = no_progress) -> IngestResult:
     """Hand each record of ``items`` (from ``records()``) to ``log_signal()`` (an
     ``argo-signals-unsaved`` update to ``update_signal()``), flush, close.
 
@@ -203,7 +203,7 @@ def run(db_path: str, items: Iterable[Any], dedupe: bool = False, strict: bool =
     result = IngestResult()
     tracker = SignalTracker(db_path, register_atexit=False)
     try:
-        with (progress or _no_progress)(None, "ingesting") as bar:
+        with progress(None, "ingesting") as bar:
             _feed(tracker, items, result, bar.update, dedupe, strict, on_bad)
         result.flushed = tracker.flush(60)
     except KeyboardInterrupt:
@@ -212,15 +212,6 @@ def run(db_path: str, items: Iterable[Any], dedupe: bool = False, strict: bool =
         tracker.close()
     result.stats = tracker.stats()
     return result
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-
-def _no_progress(length: Optional[int], label: str) -> ContextManager[Any]:
-    return nullcontext(_NoBar())
 
 
 def _feed(tracker: SignalTracker, items: Iterable[Any], result: IngestResult, step: Callable[[int], None],

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, Optional
+from typing import Any, Dict, Optional
 
 from . import store
 from .config import alpine_target, env_flag
 from .dbview import DatabaseUnavailable, open_existing
 from .drain import End, drain
+from .progress import Progress, no_progress
 from .safetext import escape_controls
 from .sync import Syncer, SyncConfig
 from .tracker import sync_state
@@ -51,14 +51,6 @@ class SyncResult:
     exit_status: int   # 0: every row taken settled; 1 unsettled; 3 unreachable; 4 database
 
 
-Progress = Callable[[Optional[int], str], ContextManager[Any]]
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-
 def _check_database(db_path: str) -> None:
     if not os.path.exists(db_path):
         raise SyncSetupError(f"no database at {db_path}", UNSETTLED)
@@ -78,7 +70,7 @@ def _check_database(db_path: str) -> None:
 
 def push(db_path: str, alpine_url: Optional[str] = None, retry_rejected: bool = False,
          retry_failed: bool = False, limit: Optional[int] = None, timeout: float = 30.0,
-         progress: Optional[Progress] = None) -> SyncResult:
+         progress: Progress = no_progress) -> SyncResult:
     """Push the pending rows of ``db_path`` to ``alpine_url`` (default ``$ALPINE_API_URL``,
     with ``$ARGO_API_KEY``); give up when nothing has got through for ``timeout`` seconds."""
     _check_database(db_path)
@@ -106,7 +98,7 @@ def push(db_path: str, alpine_url: Optional[str] = None, retry_rejected: bool = 
     todo = sync_state(db_path)["sync_pending"]
     if limit is not None:
         todo = min(todo, limit)
-    with (progress(todo, "syncing") if progress is not None else nullcontext(_NoBar())) as bar:
+    with progress(todo, "syncing") as bar:
         report = drain(syncer, limit=limit, patience=timeout, progress=bar.update)
     syncer.stop(5.0)
     outcomes = dict(syncer.outcomes.counts)  # (answers in flight at the end are recorded by stop())
