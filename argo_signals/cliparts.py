@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import math
 import os
 import re
@@ -69,13 +70,16 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar
 
 @contextmanager
 def progress_bar(length: Optional[int], label: str, quiet: bool) -> Iterator[Any]:
-    """click.progressbar on stderr, or a no-op when quiet or stderr is not a terminal."""
+    """click.progressbar on stderr, or a no-op when quiet or stderr is not a terminal.  With no
+    ``length`` (a stream of unknown size) the bar counts without a percentage."""
     if quiet or not sys.stderr.isatty():
         with no_progress(length, label) as silent:
             yield silent
         return
     bar: Any
-    with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
+    # click wants a length or an iterable: for an unknown length, an endless one (never iterated)
+    with click.progressbar(itertools.repeat(None) if length is None else None, length=length, label=label,
+                           file=sys.stderr) as bar:
         yield bar
 
 

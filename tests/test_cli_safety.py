@@ -190,3 +190,30 @@ def test_tail_shows_each_such_character_escaped(db):
     assert "s" + "".join(shown for _, shown in SHOWN) + "e" in r.output
     assert r.output.isascii() and r.output.count("\n") == 2
     assert escape_controls(stored) == "s" + "".join(shown for _, shown in SHOWN) + "e"
+
+
+@pytest.mark.parametrize("command", ["ingest", "demo"])
+def test_the_progress_bar_on_a_terminal(db, tmp_path, command):
+    """stderr on a terminal (no --quiet): the bar is drawn there, also for ingest's stream of
+    unknown length, and the command ends as it does without one."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(make_signal(i)) + "\n" for i in range(20)))
+    args = ["ingest", src] if command == "ingest" else ["demo", "-n", 20, "--no-sync"]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(BIN / "argo-signals"), *map(str, args), "--db", str(db)],
+                            stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, shown.decode(errors="replace")[-2000:]
+    assert b"Traceback" not in shown and (b"ingesting" if command == "ingest" else b"logging") in shown
+    assert count(db) == 20 and "20" in out
