@@ -2,8 +2,7 @@
 close a share of them with an outcome, sync them, and sum up what was persisted and synced.
 
 Kept apart from ``demo`` (the signal generator, which the report and the bench import without
-the tracker).  Progress is shown by the caller: ``run`` takes a ``progress(length, label)``
-that returns a context manager yielding an object with ``update(n)``.
+the tracker).  Progress is shown by the caller (``progress.Progress``).
 """
 from __future__ import annotations
 
@@ -28,7 +27,6 @@ __all__ = ["DemoError", "DemoResult", "SUMMARY_SYNC_ORDER", "run", "run_sync_cou
 # The demo's summary lists the sync statuses in this order (synced first: what the run is
 # about), the same statuses as store.SYNC_STATUSES.
 SUMMARY_SYNC_ORDER = ("synced", "pending", "skipped", "rejected", "failed")
-
 
 
 def _summary_position(status: str) -> int:
