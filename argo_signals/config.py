@@ -11,7 +11,7 @@ from typing import Callable, Optional, Tuple
 
 from .alpine import check_alpine_url, check_api_key
 
-__all__ = ["Config", "DEFAULT_DB", "default_db_path", "env_flag"]
+__all__ = ["Config", "DEFAULT_DB", "default_db_path", "env_flag", "alpine_target"]
 
 DEFAULT_DB = "argo_signals.db"
 
@@ -27,6 +27,12 @@ def env_flag(name: str) -> Optional[bool]:
     if value is None or not value.strip():
         return None
     return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def alpine_target() -> Tuple[Optional[str], Optional[str]]:
+    """``($ALPINE_API_URL, $ARGO_API_KEY)`` as set: the URL None when unset or empty, the key
+    as it is (None when unset), for a command that picks its receiver itself."""
+    return os.environ.get("ALPINE_API_URL") or None, os.environ.get("ARGO_API_KEY")
 
 
 @dataclass(frozen=True)

@@ -1,29 +1,30 @@
 """Text that came from outside (a receiver's answer, a stored value) made safe to log or print.
 
-``escape_controls`` turns control characters (ESC, BEL, CR, line breaks, bidi overrides...)
-into visible escapes, so a hostile answer cannot move the cursor, retitle a terminal or forge
-a log line.  ``clip`` cuts a text to a length (after redaction, never before).
+``escape_controls`` turns control characters (ESC, BEL, CR, line breaks, bidi overrides...),
+and every other character that ``str.isprintable()`` refuses (U+00A0 and the other spaces but
+" ", private-use and unassigned code points), into visible escapes, so a hostile answer cannot
+move the cursor, retitle a terminal, forge a log line or pass for other text.
+``clip`` cuts a text to a length (after redaction, never before).
 """
 from __future__ import annotations
 
-import unicodedata
 from typing import Any
 
 __all__ = ["escape_controls", "clip"]
 
 
 def _visible(ch: str) -> str:
-    if ch == "\\":
+    # every character str.isprintable() refuses: controls and format characters (Cc, Cf, Cs),
+    # line and paragraph separators, private-use and unassigned code points, and the spaces
+    # other than " " (U+00A0, U+3000...), which would pass for a plain space or for nothing
+    if ch.isprintable():
         return ch
-    cat = unicodedata.category(ch)
-    if cat in ("Cc", "Cf", "Cs", "Zl", "Zp"):
-        code = ord(ch)
-        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-    return ch
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def escape_controls(text: Any) -> str:
-    """``text`` with every control or format character written as ``\\xNN`` / ``\\uNNNN``."""
+    """``text`` with every character ``str.isprintable()`` refuses written as ``\\xNN`` / ``\\uNNNN``."""
     s = "" if text is None else str(text)
     if s.isprintable():
         return s

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from argo_signals import SignalTracker
+from argo_signals.safetext import escape_controls
 from argo_signals.testing import AlpineServer
 from conftest import count, make_signal, wait_for
 from test_cli import cli, seeded
@@ -163,3 +164,56 @@ def test_every_command_works_on_a_path_with_awkward_characters(tmp_path, monkeyp
     conn = sqlite3.connect(AWKWARD)
     assert conn.execute("SELECT count(*) FROM signals").fetchone()[0] == 23
     conn.close()
+
+
+# What the commands show for stored text with characters a terminal would act on or that pass
+# for other text: each one escaped, the same way in every command (safetext.escape_controls).
+SHOWN = [("\t", "\\x09"), ("\x1b", "\\x1b"), ("\r", "\\x0d"), ("\u00a0", "\\xa0"), ("\u200e", "\\u200e"),
+         ("\u2028", "\\u2028"), ("\u3000", "\\u3000"), ("\ue000", "\\ue000")]
+
+
+@pytest.mark.parametrize("char,shown", SHOWN)
+def test_escape_controls_shows_each_invisible_or_acting_character(char, shown):
+    assert escape_controls(f"a{char}b") == f"a{shown}b"
+    assert escape_controls(escape_controls(f"a{char}b")) == f"a{shown}b"   # escaping twice changes nothing
+
+
+def test_tail_shows_each_such_character_escaped(db):
+    seeded(db, 1)
+    stored = "s" + "".join(char for char, _ in SHOWN) + "e"
+    conn = sqlite3.connect(str(db))
+    with conn:
+        conn.execute("UPDATE signals SET strategy = ? WHERE id = 1", (stored,))
+    conn.close()
+    r = cli("tail", "--db", db)
+    assert r.exit_code == 0
+    assert "s" + "".join(shown for _, shown in SHOWN) + "e" in r.output
+    assert r.output.isascii() and r.output.count("\n") == 2
+    assert escape_controls(stored) == "s" + "".join(shown for _, shown in SHOWN) + "e"
+
+
+@pytest.mark.parametrize("command", ["ingest", "demo"])
+def test_the_progress_bar_on_a_terminal(db, tmp_path, command):
+    """stderr on a terminal (no --quiet): the bar is drawn there, also for ingest's stream of
+    unknown length, and the command ends as it does without one."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(make_signal(i)) + "\n" for i in range(20)))
+    args = ["ingest", src] if command == "ingest" else ["demo", "-n", 20, "--no-sync"]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(BIN / "argo-signals"), *map(str, args), "--db", str(db)],
+                            stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, shown.decode(errors="replace")[-2000:]
+    assert b"Traceback" not in shown and (b"ingesting" if command == "ingest" else b"logging") in shown
+    assert count(db) == 20 and "20" in out

@@ -103,13 +103,14 @@ def test_ctrl_c_during_the_demo_loses_no_logged_signal(tmp_path):
     r = run_script("""
         import _thread, sys, threading
         import argo_signals.cli as cli
+        from argo_signals.tracker import SignalTracker
         logged = [0]
-        log_signal = cli.SignalTracker.log_signal
+        log_signal = SignalTracker.log_signal
         def counted(self, *a, **k):
             sid = log_signal(self, *a, **k)
             logged[0] += 1
             return sid
-        cli.SignalTracker.log_signal = counted
+        SignalTracker.log_signal = counted
         threading.Timer(0.5, _thread.interrupt_main).start()   # Ctrl-C
         try:
             cli.main(["demo", "--db", sys.argv[1], "-q", "--count", "5000", "--producers", "2", "--rate", "40"],
