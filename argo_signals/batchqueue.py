@@ -10,7 +10,7 @@ import itertools
 import queue
 from typing import List
 
-from .sink import Entry
+from .entry import Entry
 
 __all__ = ["EntryQueue", "Sealed"]
 

@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from .config import Config
 from .engine import Engine
 from .record import default_timestamp, finish, hash_row, new_signal_id, normalise
-from .sink import INSERT, Entry, Outcome
+from .entry import INSERT, Entry
+from .sink import Outcome
 from .stats import Stats
 from .store import connect, ensure_schema, insert_params, insert_sql, utc_now
 from .tracker import SignalTracker

@@ -33,7 +33,8 @@ from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Set
 
 from .batchqueue import EntryQueue, Sealed
 from .config import Config
-from .sink import Entry, Outcome
+from .entry import Entry
+from .sink import Outcome
 from .stats import Stats
 from .writelock import WriteLock, seconds_until
 

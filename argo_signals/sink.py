@@ -24,6 +24,7 @@ from tenacity.stop import stop_base
 
 from . import spill
 from .config import Config
+from .entry import INSERT, UPDATE, Entry
 from .record import FIELDS, finish
 from .stats import Stats
 from .store import (BatchResult, ForeignDatabaseError, connect, connect_readonly, ensure_schema,
@@ -31,10 +32,8 @@ from .store import (BatchResult, ForeignDatabaseError, connect, connect_readonly
 
 log = logging.getLogger("argo_signals")
 
-__all__ = ["Outcome", "SQLiteSink", "INSERT", "UPDATE", "Entry", "UNSAVED_PREFIX"]
+__all__ = ["Outcome", "SQLiteSink", "UNSAVED_PREFIX"]
 
-INSERT, UPDATE = 0, 1
-Entry = Tuple[int, Any, float]          # (kind, payload, time.monotonic() when logged)
 Update = Tuple[str, Dict[str, Any]]
 UNSAVED_PREFIX = "argo-signals-unsaved: "
 

@@ -7,7 +7,8 @@ import pytest
 from argo_signals.config import Config
 from argo_signals.batchqueue import EntryQueue, Sealed
 from argo_signals.engine import Engine, State
-from argo_signals.sink import INSERT, Outcome
+from argo_signals.entry import INSERT
+from argo_signals.sink import Outcome
 from argo_signals.stats import Stats
 
 from conftest import wait_for
