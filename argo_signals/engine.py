@@ -33,8 +33,7 @@ from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Set
 
 from .batchqueue import EntryQueue, Sealed
 from .config import Config
-from .entry import Entry
-from .sink import Outcome
+from .entry import BatchFate, Entry
 from .stats import Stats
 from .writelock import WriteLock, seconds_until
 
@@ -52,10 +51,10 @@ class State(enum.Enum):
 
 class Sink(Protocol):
     def write(self, entries: Sequence[Entry], reason: Optional[str],
-              stop_at: Callable[[], float]) -> Outcome: ...
+              stop_at: Callable[[], float]) -> BatchFate: ...
     def replay(self, max_wait: Optional[float] = None) -> bool: ...
     def spill_pending(self) -> bool: ...
-    def salvage(self, entries: Sequence[Entry], max_wait: Optional[float] = None) -> Outcome: ...
+    def salvage(self, entries: Sequence[Entry], max_wait: Optional[float] = None) -> BatchFate: ...
     def close(self) -> None: ...
     def after_fork(self) -> None: ...
     def tick(self) -> None: ...
@@ -76,7 +75,7 @@ class Engine:
         self.stats = stats
         self.exiting = exiting
         self.on_tick = on_tick
-        self._wake_at = config.batch_size - 1   # queue length before an append that fills a batch
+        self._wake_len = config.batch_size - 1   # queue length before an append that fills a batch
         self._restarts = 0
         self._held_for_fork = False
         self._reset(State.OPEN)
@@ -100,7 +99,7 @@ class Engine:
         self._flush_to = 0
         self._armed = False
         self._stop_at = float("inf")           # set by close(): stop retrying, spill by then
-        self._causes: set = set()
+        self._warned_causes: set = set()
         # Threads inside a synchronous write or close(), and for each the queue position up
         # to which a signal handler nested in it left entries (see _nested).
         self._inside: Set[int] = set()
@@ -128,7 +127,7 @@ class Engine:
                 dq.append(entry)
                 if not self._limit:
                     self._write_queued("tracker closed")
-                elif self._armed or (n >= self._wake_at and not self._woken):
+                elif self._armed or (n >= self._wake_len and not self._woken):
                     self._armed = False
                     self._wake_up()
                 return
@@ -185,8 +184,8 @@ class Engine:
 
     def _write_to(self, target: int, cause: str) -> None:
         self.stats.fallback_writes += 1
-        if cause not in self._causes:
-            self._causes.add(cause)
+        if cause not in self._warned_causes:
+            self._warned_causes.add(cause)
             log.warning("synchronous fallback (%s): the calling thread writes to SQLite", cause)
         me = threading.get_ident()
         if me in self._inside or self._write_lock.nested_here():
@@ -271,15 +270,15 @@ class Engine:
         return True
 
     def _write_batch(self, n: int, reason: Optional[str]) -> bool:
-        batch = self._q.peek(n)   # stays queued until written: Ctrl-C or a bug drops nothing
+        batch = self._q.claim(n)   # stays queued until written: Ctrl-C or a bug drops nothing
         if not batch:
             return True
         try:
-            outcome = self.sink.write(batch, reason, self._deadline)
+            fate = self.sink.write(batch, reason, self._stop_time)
         except BaseException:
             self._q.unclaim()
             raise
-        if outcome is Outcome.HELD:
+        if fate is BatchFate.HELD:
             self._q.unclaim()
             return False
         self._q.drop(len(batch))
@@ -302,7 +301,7 @@ class Engine:
         except queue.Empty:
             pass
 
-    def _deadline(self) -> float:
+    def _stop_time(self) -> float:
         return self._stop_at
 
     # -- the thread ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The SQLite sink: connecting, one transaction per batch, retries, the spill file and its replay.
 
 The engine calls it under its write lock, from its thread or from a caller writing
-synchronously, so the sink itself holds no lock.  ``write()`` answers with an ``Outcome``:
+synchronously, so the sink itself holds no lock.  ``write()`` answers with a ``BatchFate``:
 committed, spilled (the database stayed unwritable past the retry budget, or a spill is still
 waiting and must be replayed first so that order holds), or held (neither the database nor
 the spill file took the batch: the engine keeps it).  ``salvage()`` is the last resort at
@@ -10,7 +10,6 @@ close: spill, else print the signals to stderr as ``argo-signals-unsaved: {json}
 """
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from tenacity.stop import stop_base
 
 from . import spill
 from .config import Config
-from .entry import INSERT, UPDATE, Entry
+from .entry import INSERT, UPDATE, BatchFate, Entry
 from .record import FIELDS, finish
 from .stats import Stats
 from .store import (BatchResult, ForeignDatabaseError, connect, connect_readonly, ensure_schema,
@@ -32,7 +31,7 @@ from .store import (BatchResult, ForeignDatabaseError, connect, connect_readonly
 
 log = logging.getLogger("argo_signals")
 
-__all__ = ["Outcome", "SQLiteSink", "UNSAVED_PREFIX"]
+__all__ = ["SQLiteSink", "UNSAVED_PREFIX"]
 
 Update = Tuple[str, Dict[str, Any]]
 UNSAVED_PREFIX = "argo-signals-unsaved: "
@@ -55,12 +54,6 @@ def _file_id(path: str) -> FileId:
     except OSError:
         return None
     return st.st_dev, st.st_ino
-
-
-class Outcome(enum.Enum):
-    COMMITTED = "committed"
-    SPILLED = "spilled"
-    HELD = "held"
 
 
 class SQLiteSink:
@@ -205,7 +198,7 @@ class SQLiteSink:
 
     # -- writing ------------------------------------------------------------------------
     def write(self, entries: Sequence[Entry], reason: Optional[str],
-              stop_at: Callable[[], float]) -> Outcome:
+              stop_at: Callable[[], float]) -> BatchFate:
         rows, starts, updates = [], [], []
         for kind, payload, t in entries:
             if kind == INSERT:
@@ -214,7 +207,7 @@ class SQLiteSink:
             else:
                 updates.append(payload)
         if not rows and not updates:
-            return Outcome.COMMITTED
+            return BatchFate.COMMITTED
         left = _left(stop_at)
         if self._locked_for_good():
             return self._spill(entries, rows, updates, "this process was forked inside a write to the "
@@ -251,7 +244,7 @@ class SQLiteSink:
             return self._spill(entries, rows, updates, str(exc), _left(stop_at))
         self.stats.transactions += 1
         self._account(result, starts, reason)
-        return Outcome.COMMITTED
+        return BatchFate.COMMITTED
 
     def _account(self, result: BatchResult, starts: List[float], reason: Optional[str]) -> None:
         st = self.stats
@@ -288,19 +281,19 @@ class SQLiteSink:
         return os.path.exists(self.spill_path) or os.path.exists(self.spill_path + ".replaying")
 
     def _spill(self, entries: Sequence[Entry], rows: List[tuple], updates: List[Update], why: str,
-               max_wait: Optional[float] = None) -> Outcome:
+               max_wait: Optional[float] = None) -> BatchFate:
         times = [t for k, _, t in entries if k == UPDATE]   # monotonic: the order of the calls
         try:
             spill.append(self.spill_path, rows, updates, times, max_wait)
         except OSError as err:
             log.critical("database unwritable (%s) and spill file %s unwritable (%s): %d signals "
                          "stay in memory", why, self.spill_path, err, len(rows))
-            return Outcome.HELD
+            return BatchFate.HELD
         self.stats.spilled += len(rows)
         log.error("database unwritable (%s): %d signals and %d updates spilled to %s; they are "
                   "replayed when the database can be written", why, len(rows), len(updates),
                   self.spill_path)
-        return Outcome.SPILLED
+        return BatchFate.SPILLED
 
     def _bounded(self, max_wait: Optional[float]) -> sqlite3.Connection:
         """The connection, its lock wait cut to ``max_wait`` seconds (None: the configured one)."""
@@ -352,14 +345,14 @@ class SQLiteSink:
                             "stored)", rows, updates, self.spill_path, inserted, duplicates)
         return not self.spill_pending()
 
-    def salvage(self, entries: Sequence[Entry], max_wait: Optional[float] = None) -> Outcome:
+    def salvage(self, entries: Sequence[Entry], max_wait: Optional[float] = None) -> BatchFate:
         """Last resort for entries that must leave memory now: spill, else stderr."""
         rows = [finish(p) for k, p, _ in entries if k == INSERT]
         updates = [p for k, p, _ in entries if k == UPDATE]
         if not rows and not updates:
-            return Outcome.COMMITTED
-        if self._spill(entries, rows, updates, "no time left to write", max_wait) is Outcome.SPILLED:
-            return Outcome.SPILLED
+            return BatchFate.COMMITTED
+        if self._spill(entries, rows, updates, "no time left to write", max_wait) is BatchFate.SPILLED:
+            return BatchFate.SPILLED
         lines = [UNSAVED_PREFIX + json.dumps(_as_signal(r)) for r in rows]
         lines += [UNSAVED_PREFIX + json.dumps({"update_of": s, "fields": f}) for s, f in updates]
         try:
@@ -372,7 +365,7 @@ class SQLiteSink:
                      "%d updates printed to stderr as '%s' lines; recover them with "
                      "`argo-signals ingest`", self.spill_path, len(rows), len(updates),
                      UNSAVED_PREFIX.strip())
-        return Outcome.HELD
+        return BatchFate.HELD
 
 
 def _left(stop_at: Callable[[], float]) -> Optional[float]:
