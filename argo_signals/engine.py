@@ -256,17 +256,16 @@ class Engine:
     # -- running the sink (whoever holds the write lock) ---------------------------------------
     def _run_until(self, target: int, reason: Optional[str], deadline: float) -> bool:
         while self._done < target:
-            if deadline <= time.monotonic() or not self._write_lock.acquire(deadline):
+            if deadline <= time.monotonic():
                 return False
-            try:
-                self._write_lock.busy = True
+            with self._write_lock.held(deadline) as got:
+                if not got:
+                    return False
                 n = min(target - self._done, self.config.max_batch)
                 if n > 0 and not self._write_batch(n, reason):
                     return False
                 if not self._dq:
                     break
-            finally:
-                self._write_lock.release()
         return True
 
     def _write_batch(self, n: int, reason: Optional[str]) -> bool:
@@ -371,12 +370,10 @@ class Engine:
                     reason = "interval"
                 self._tick()
             if reason is not None:
-                self._write_lock.acquire(float("inf"))
-                try:
-                    self._write_lock.busy = True
-                    ok = self._write_batch(n, reason)
-                finally:
-                    self._write_lock.release()
+                # no deadline: this thread is never nested in a write of its own (signal handlers
+                # run on the main thread), so it gets the lock once the holder lets go
+                with self._write_lock.held(float("inf")) as got:
+                    ok = got and self._write_batch(n, reason)
                 if not ok:   # neither the database nor the spill took it: do not spin
                     self._sleep(1.0)
                 continue
@@ -390,14 +387,12 @@ class Engine:
     def _tick(self) -> None:
         if self.sink.spill_pending():
             self._replay(time.monotonic() + self.config.write_retry_budget)
-        if self._write_lock.acquire(time.monotonic() + 0.05):   # busy: the next tick does it
-            try:
-                self._write_lock.busy = True
-                self.sink.tick()
-            except Exception:
-                log.exception("periodic database check failed")
-            finally:
-                self._write_lock.release()
+        with self._write_lock.held(time.monotonic() + 0.05) as got:
+            if got:   # else busy: the next tick does it
+                try:
+                    self.sink.tick()
+                except Exception:
+                    log.exception("periodic database check failed")
         if self.on_tick is not None:
             try:
                 self.on_tick()
@@ -405,16 +400,14 @@ class Engine:
                 log.exception("tick hook failed")
 
     def _replay(self, deadline: float) -> bool:
-        if not self._write_lock.acquire(deadline):
-            return False
-        try:
-            self._write_lock.busy = True
-            return self.sink.replay(max(0.0, deadline - time.monotonic()))
-        except Exception:
-            log.exception("replaying the spill file failed; it is tried again later")
-            return False
-        finally:
-            self._write_lock.release()
+        with self._write_lock.held(deadline) as got:
+            if not got:
+                return False
+            try:
+                return self.sink.replay(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                log.exception("replaying the spill file failed; it is tried again later")
+                return False
 
     # -- flush and close -------------------------------------------------------------------------
     def flush(self, timeout: Optional[float]) -> bool:
@@ -510,12 +503,9 @@ class Engine:
         if not ok:
             self._salvage()
         ok = self._settle_spill(deadline) and ok and self._done >= target
-        if self._write_lock.acquire(deadline):
-            try:
-                self._write_lock.busy = True
+        with self._write_lock.held(deadline) as got:
+            if got:
                 self.sink.close()   # a later synchronous write opens one connection and keeps it
-            finally:
-                self._write_lock.release()
         return ok
 
     def _salvage(self) -> None:
