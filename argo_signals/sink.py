@@ -24,6 +24,7 @@ from tenacity.stop import stop_base
 from . import spill
 from .config import Config
 from .entry import INSERT, UPDATE, BatchFate, Entry
+from .fileid import FileId, file_identity, identity_of
 from .record import FIELDS, finish
 from .stats import Stats
 from .store import (BatchResult, ForeignDatabaseError, connect, connect_readonly, ensure_schema,
@@ -38,23 +39,12 @@ UNSAVED_PREFIX = "argo-signals-unsaved: "
 
 # Connections inherited from a parent process: never used nor closed in the child.
 _INHERITED: List[sqlite3.Connection] = []
-# Database files (dev, inode) this process inherited with a write transaction open: never writable here.
-_LOCKED_IN_THIS_PROCESS: Set[Tuple[int, int]] = set()
+# Database files (FileId) this process inherited with a write transaction open: never writable here.
+_LOCKED_IN_THIS_PROCESS: Set[FileId] = set()
 # A batch write replays a waiting spill first for at most this long; the rest replays on ticks.
 REPLAY_SLICE = 2.0
 # How long letting go of a moved database waits for other connections to let a checkpoint finish.
 MOVED_CHECKPOINT_WAIT = 2.0
-
-FileId = Optional[Tuple[int, int]]
-
-
-def _file_id(path: str) -> FileId:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
 
 class SQLiteSink:
     def __init__(self, config: Config, stats: Stats,
@@ -64,8 +54,8 @@ class SQLiteSink:
         self.on_commit = on_commit
         self.spill_path = config.spill_path
         self._conn: Optional[sqlite3.Connection] = None
-        self._inode: FileId = None
-        self._journal: Tuple[FileId, FileId] = (None, None)   # our -wal and -shm files
+        self._db_file_id: Optional[FileId] = None   # the database file _conn has open
+        self._journal: Tuple[Optional[FileId], Optional[FileId]] = (None, None)   # our -wal and -shm files
         self._busy = config.busy_timeout   # the lock wait the open connection has now
         self._warned_seq = 0               # waiting updates reported overdue up to this seq
 
@@ -85,7 +75,7 @@ class SQLiteSink:
 
     def _connection(self) -> sqlite3.Connection:
         path = self.config.db_path
-        if self._conn is not None and self._inode is not None and _file_id(path) != self._inode:
+        if self._conn is not None and self._db_file_id is not None and file_identity(path) != self._db_file_id:
             # the file was moved, deleted or replaced: writing on would go to the old inode
             log.warning("database file %s was moved, deleted or replaced; what this tracker "
                         "committed is checkpointed into the old file, new rows go to a new file "
@@ -101,16 +91,16 @@ class SQLiteSink:
             except BaseException:
                 conn.close()
                 raise
-            if self._inode != (st.st_dev, st.st_ino):
+            if self._db_file_id != identity_of(st):
                 self._warned_seq = 0    # another file: its waiting_updates count seq from 1 again
-            self._conn, self._inode = conn, (st.st_dev, st.st_ino)
-            self._journal = (_file_id(path + "-wal"), _file_id(path + "-shm"))
+            self._conn, self._db_file_id = conn, identity_of(st)
+            self._journal = (file_identity(path + "-wal"), file_identity(path + "-shm"))
         return self._conn
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            if self._inode is not None and _file_id(self.config.db_path) != self._inode:
+            if self._db_file_id is not None and file_identity(self.config.db_path) != self._db_file_id:
                 self._let_go_of_moved(conn)
             else:
                 try:
@@ -141,7 +131,7 @@ class SQLiteSink:
         except sqlite3.Error:
             pass
         for name, ours in zip((path + "-wal", path + "-shm"), self._journal):
-            if ours is None or _file_id(name) != ours:
+            if ours is None or file_identity(name) != ours:
                 continue   # not there, or already a new database's
             try:
                 if complete or name.endswith("-shm"):
@@ -165,7 +155,7 @@ class SQLiteSink:
             return
         path = self.config.db_path
         try:
-            if _file_id(path) != self._inode:
+            if file_identity(path) != self._db_file_id:
                 self._connection()
             conn = connect_readonly(path, timeout=1.0)
             try:
@@ -186,15 +176,15 @@ class SQLiteSink:
     def after_fork(self) -> None:
         if self._conn is not None:
             _INHERITED.append(self._conn)
-            if self._conn.in_transaction and self._inode is not None:
+            if self._conn.in_transaction and self._db_file_id is not None:
                 # a write of the parent's was open at the fork (a signal handler forked inside
                 # it, or it outlasted the fork's bound): SQLite's in-process lock state keeps
                 # that lock for this child's whole life, so nothing here can write this file
-                _LOCKED_IN_THIS_PROCESS.add(self._inode)
+                _LOCKED_IN_THIS_PROCESS.add(self._db_file_id)
         self._conn = None
 
     def _locked_for_good(self) -> bool:
-        return bool(_LOCKED_IN_THIS_PROCESS) and _file_id(self.config.db_path) in _LOCKED_IN_THIS_PROCESS
+        return bool(_LOCKED_IN_THIS_PROCESS) and file_identity(self.config.db_path) in _LOCKED_IN_THIS_PROCESS
 
     # -- writing ------------------------------------------------------------------------
     def write(self, entries: Sequence[Entry], reason: Optional[str],
