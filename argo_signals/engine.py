@@ -1,8 +1,9 @@
 """The engine: a bounded queue, one daemon thread, the triggers, and a named state.
 
 Producers call ``put()``, which appends to the deque of a ``queue.Queue`` (``batchqueue``);
-the thread sleeps on one wake-up channel until the earliest of: the queue reaching ``batch_size``, the oldest entry turning
-``batch_timeout`` old, the next ``flush_interval`` tick, ``flush()`` or ``close()``.  Whoever
+the thread sleeps on one wake-up channel until the earliest of: the queue reaching
+``batch_size``, the oldest entry turning ``batch_timeout`` old, the next ``flush_interval``
+tick, ``flush()`` or ``close()``.  Whoever
 runs the sink (the thread, or a caller writing synchronously) holds the write lock and takes
 entries from the head of the queue, so entries are written in queue order and ``done``
 counts them: ``flush()`` and ``close()`` wait until it reaches the queue's count at their call.
