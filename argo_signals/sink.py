@@ -1,7 +1,9 @@
 """The SQLite sink: connecting, one transaction per batch, retries, the spill file and its replay.
 
-The engine calls it under its write lock, from its thread or from a caller writing
-synchronously, so the sink itself holds no lock.  ``write()`` answers with a ``BatchFate``:
+The engine calls ``write``, ``replay``, ``tick`` and ``close`` under its write lock, from its
+thread or from a caller writing synchronously, so the sink itself holds no lock; ``salvage``
+may run beside a stuck write on another thread, and only appends to the spill file (which
+has a lock of its own) or to stderr.  ``write()`` answers with a ``BatchFate``:
 committed, spilled (the database stayed unwritable past the retry budget, or a spill is still
 waiting and must be replayed first so that order holds), or held (neither the database nor
 the spill file took the batch: the engine keeps it).  ``salvage()`` is the last resort at
