@@ -10,7 +10,7 @@ import itertools
 import queue
 from typing import List
 
-from .sink import Entry
+from .entry import Entry
 
 __all__ = ["EntryQueue", "Sealed"]
 
@@ -24,7 +24,7 @@ class EntryQueue(queue.Queue):  # type: ignore[type-arg]
 
     ``seq`` (entries ever queued, in queue order) is ``taken + len(queue)``, so appending
     costs no counter.  ``seal()`` sets ``limit`` to 0, and the stdlib's blocking ``put()``
-    then meets ``Sealed``.  A writer *claims* the head (``peek``), writes it, and only then
+    then meets ``Sealed``.  A writer *claims* the head (``claim``), writes it, and only then
     ``drop``s it: an exception or a Ctrl-C at any point of a write leaves the entries queued
     (writing them twice is harmless: a re-logged signal with the same content is a no-op).
     """
@@ -65,7 +65,7 @@ class EntryQueue(queue.Queue):  # type: ignore[type-arg]
             self.queue.append(item)
             return self.taken + len(self.queue)
 
-    def peek(self, n: int) -> List[Entry]:
+    def claim(self, n: int) -> List[Entry]:
         """Claim up to ``n`` entries at the head (the caller holds the engine's write lock)."""
         with self.mutex:
             out = list(itertools.islice(self.queue, n))

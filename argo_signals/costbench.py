@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from .config import Config
 from .engine import Engine
 from .record import default_timestamp, finish, hash_row, new_signal_id, normalise
-from .sink import INSERT, Entry, Outcome
+from .entry import INSERT, BatchFate, Entry
 from .stats import Stats
 from .store import connect, ensure_schema, insert_params, insert_sql, utc_now
 from .tracker import SignalTracker
@@ -53,8 +53,8 @@ def _per_signal(work: Callable[[], Any], n: int, passes: int = 3) -> float:
 class _Accept:
     """A sink that takes every batch at once: what is left is the queue hand-off itself."""
 
-    def write(self, entries: Sequence[Entry], reason: Optional[str], stop_at: Callable[[], float]) -> Outcome:
-        return Outcome.COMMITTED
+    def write(self, entries: Sequence[Entry], reason: Optional[str], stop_at: Callable[[], float]) -> BatchFate:
+        return BatchFate.COMMITTED
 
     def replay(self, max_wait: Optional[float] = None) -> bool:
         return True
@@ -62,8 +62,8 @@ class _Accept:
     def spill_pending(self) -> bool:
         return False
 
-    def salvage(self, entries: Sequence[Entry], max_wait: Optional[float] = None) -> Outcome:
-        return Outcome.COMMITTED
+    def salvage(self, entries: Sequence[Entry], max_wait: Optional[float] = None) -> BatchFate:
+        return BatchFate.COMMITTED
 
     def close(self) -> None:
         pass

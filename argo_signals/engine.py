@@ -1,8 +1,9 @@
 """The engine: a bounded queue, one daemon thread, the triggers, and a named state.
 
-Producers ``put()`` on a ``queue.Queue``; the thread sleeps on one wake-up channel until
-the earliest of: the queue reaching ``batch_size``, the oldest entry turning
-``batch_timeout`` old, the next ``flush_interval`` tick, ``flush()`` or ``close()``.  Whoever
+Producers call ``put()``, which appends to the deque of a ``queue.Queue`` (``batchqueue``);
+the thread sleeps on one wake-up channel until the earliest of: the queue reaching
+``batch_size``, the oldest entry turning ``batch_timeout`` old, the next ``flush_interval``
+tick, ``flush()`` or ``close()``.  Whoever
 runs the sink (the thread, or a caller writing synchronously) holds the write lock and takes
 entries from the head of the queue, so entries are written in queue order and ``done``
 counts them: ``flush()`` and ``close()`` wait until it reaches the queue's count at their call.
@@ -21,6 +22,9 @@ only once written, so a ``BaseException`` (Ctrl-C, SystemExit) inside a write dr
 A signal handler that logs while its thread is inside a synchronous write, ``flush()`` or
 ``close()`` (``_inside``) only appends and returns; the interrupted call writes it before it
 returns (``_leave``).
+
+Who writes which attribute, under which guard, and who reads it: see ``Engine.__init__`` and
+``Engine._reset``, where each is created.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Set
 
 from .batchqueue import EntryQueue, Sealed
 from .config import Config
-from .sink import Entry, Outcome
+from .entry import BatchFate, Entry
 from .stats import Stats
 from .writelock import WriteLock, seconds_until
 
@@ -50,14 +54,72 @@ class State(enum.Enum):
 
 
 class Sink(Protocol):
+    """Where the engine's entries go (``sink.SQLiteSink``; tests use fakes).
+
+    The engine calls ``write``, ``replay``, ``tick`` and ``close`` only while it holds its
+    write lock, so at most one of them runs at a time, on whichever thread holds the lock:
+    the writer thread, or a caller writing synchronously (a producer whose put() fell back,
+    ``flush()``, ``close()``).  ``spill_pending``, ``salvage`` and ``after_fork`` are called
+    without it.  Deadlines are ``time.monotonic()`` seconds; ``max_wait`` is seconds from now."""
+
     def write(self, entries: Sequence[Entry], reason: Optional[str],
-              stop_at: Callable[[], float]) -> Outcome: ...
-    def replay(self, max_wait: Optional[float] = None) -> bool: ...
-    def spill_pending(self) -> bool: ...
-    def salvage(self, entries: Sequence[Entry], max_wait: Optional[float] = None) -> Outcome: ...
-    def close(self) -> None: ...
-    def after_fork(self) -> None: ...
-    def tick(self) -> None: ...
+              stop_at: Callable[[], float]) -> BatchFate:
+        """Write one batch: the head of the queue, 1 to ``max_batch`` entries in queue order.
+
+        Called under the write lock, from the writer thread (``reason`` "size", "timeout",
+        "interval" or "manual") or from a caller writing synchronously ("manual" from
+        ``flush()``, "close" from ``close()``, None from a producer's fallback or from
+        writing what signal handlers left).  The entries stay queued (claimed) until this
+        returns: COMMITTED or SPILLED and the engine drops them and counts them done; HELD
+        and they stay queued, the caller gives up for now (the writer thread waits a second).
+        An exception leaves them queued too; on the writer thread it ends the thread (the
+        engine degrades, then restarts it), in a synchronous write it is logged.
+
+        ``stop_at()`` is the time by which the sink must stop retrying and spill instead: inf
+        until ``close()`` sets one, so call it again at each retry rather than keeping its
+        value."""
+        ...
+
+    def replay(self, max_wait: Optional[float] = None) -> bool:
+        """Write back what the spill file holds, within ``max_wait`` seconds (the engine always
+        passes one: what is left of its caller's deadline, never negative).  Called under the
+        write lock, from the writer thread's tick when ``spill_pending()``, and from
+        ``flush()``/``close()`` before they answer.  True when nothing waits in the spill any
+        more; an exception is logged and counts as False."""
+        ...
+
+    def spill_pending(self) -> bool:
+        """True while spilled entries wait to be replayed.  Called without the write lock, on
+        any thread (the tick, ``flush()``, ``close()``): it must only look, cheaply."""
+        ...
+
+    def salvage(self, entries: Sequence[Entry], max_wait: Optional[float] = None) -> BatchFate:
+        """Last resort: ``entries`` must leave memory now (spill, else somewhere a person can
+        recover them).  Called *without* the write lock by a caller whose synchronous write
+        or ``close()`` ran out of time with no thread left to try again; ``entries`` may
+        include the batch a stuck write on another thread still holds, so it must not use
+        what ``write`` uses (the connection).  ``max_wait``: seconds until half a second
+        past the close's stop time, or None when no ``close()`` set one (then the sink's own
+        wait applies).  The engine counts the unclaimed entries done whatever it returns."""
+        ...
+
+    def close(self) -> None:
+        """Let go of the connection.  Called at the end of ``close()`` under the write lock,
+        if that lock came by the close's deadline (else not at all).  A write after it (a
+        caller logging after close) opens a connection again."""
+        ...
+
+    def after_fork(self) -> None:
+        """In a forked child, on the forking thread (the only one there), before the engine
+        resets itself; no engine lock is taken.  Never use nor close what the parent had
+        open."""
+        ...
+
+    def tick(self) -> None:
+        """Periodic care, every ``flush_interval``: called on the writer thread under the write
+        lock, which it waits for at most 50 ms (busy: this tick is skipped).  An exception is
+        logged."""
+        ...
 
 
 _OPEN = State.OPEN
@@ -70,38 +132,115 @@ class Engine:
 
     def __init__(self, config: Config, sink: Sink, stats: Stats, exiting: threading.Event,
                  on_tick: Optional[Callable[[], None]] = None) -> None:
+        # Shared state: what each attribute holds, who writes it (which thread or call), under
+        # which guard, and who reads it.  "Any thread" means producers (put), callers of
+        # flush()/close(), the writer thread, and signal handlers nested in any of them.
+        # There are three guards: ``_lock`` (state transitions), ``_write_lock`` (whoever runs
+        # the sink) and the queue's ``mutex``; much is deliberately read without any of them,
+        # as single loads and stores under the GIL, and each such read says why it is safe.
+        #
+        # Set here, never written again: the configuration, the sink (called only under
+        # _write_lock), the stats (counters bumped by any thread without a lock: an increment
+        # may be lost in a race, they are not exact), the interpreter's exit event (set by
+        # lifecycle's exit hook; read by _start_thread under _lock), the tick hook.
         self.config = config
         self.sink = sink
         self.stats = stats
         self.exiting = exiting
         self.on_tick = on_tick
-        self._wake_at = config.batch_size - 1   # queue length before an append that fills a batch
+        # Queue length before an append that fills a batch: put() wakes the thread there.
+        # Constant.
+        self._wake_len = config.batch_size - 1
+        # Restarts of the writer thread so far.  Written by _restart() under _lock (a producer
+        # or a synchronous writer); read by _run() under _lock (the dying thread).  Survives
+        # _reset().
         self._restarts = 0
+        # True while before_fork() holds the write lock for a fork.  Written by the forking
+        # thread in lifecycle's fork hooks (before_fork, after_fork_in_parent) and by
+        # after_fork_in_child; no guard (the hooks of one fork run in order on one thread).
         self._held_for_fork = False
         self._reset(State.OPEN)
 
     def _reset(self, state: State, why: Optional[str] = None) -> None:
+        """Everything below is created anew here: at construction, and in a forked child
+        (after_fork_in_child, with only the forking thread alive)."""
+        # The queue (batchqueue.EntryQueue).  Its counters (taken, claimed) and its seal change
+        # under its mutex.  Producers append to its deque without the mutex (put()'s hot path,
+        # _nested: a deque append is atomic); the one who holds _write_lock claims, drops and
+        # puts back its head under the mutex; _salvage takes what is unclaimed under the mutex
+        # without _write_lock (the claimed head stays for its writer).
         self._q = EntryQueue(self.config.max_queue_size)
+        # The queue's deque itself, for put()'s hot path and lock-free length reads (pending,
+        # the thread's triggers).
         self._dq = self._q.queue
-        self._limit = self.config.max_queue_size   # 0 once sealed
-        self._lock = threading.Lock()          # state transitions
-        self._write_lock = WriteLock()         # whoever runs the sink
-        # The wake-up is a C-level SimpleQueue, not a threading.Event: Event.set() runs Python
+        # put()'s hot-path bound: max_queue_size, 0 once sealed.  Written once by _close()
+        # (the first closer, no guard: one store); read by put() with no guard.
+        #
+        # The seal is kept in three places, all written by _close() in this order: this
+        # _limit, then under the queue's mutex the queue's ``sealed`` and ``limit``.  Each
+        # serves a reader that cannot afford another: put()'s hot path compares one engine
+        # attribute (bound and seal in one test, no lookup through the queue); the queue's
+        # ``limit`` is offer()'s bound (the main thread's put, under the mutex only);
+        # ``sealed`` turns the stdlib's blocking put() into Sealed (via _qsize/_put) and tells
+        # "queue full" from "tracker closed".  Merging them would add an attribute load to
+        # every put() and change the order in which a racing producer sees the seal, so they
+        # stay three copies of one fact with one writer.
+        self._limit = self.config.max_queue_size
+        # State transitions (_state, _thread, _why, _retry_at, _started_at, _restarts,
+        # _stop_at, _flush_to) happen under this lock.  Held only for a few statements, never
+        # across a write or a wait.
+        self._lock = threading.Lock()
+        # Whoever runs the sink holds it (writelock.WriteLock, entered through held()): the
+        # writer thread, a caller writing synchronously, flush(), close(), the tick, a replay;
+        # before_fork() reserves it for a fork.  A signal handler nested in a write of its own
+        # thread does not get it (nested_here()): it queues and leaves its entry as owed.
+        self._write_lock = WriteLock()
+        # The writer thread's one wait.  Any thread puts (_wake_up); only the writer thread
+        # gets (_sleep).  A C-level SimpleQueue, not a threading.Event: Event.set() runs Python
         # code under a lock, and a Ctrl-C landing there would leave that lock held.
         self._wake: "queue.SimpleQueue[None]" = queue.SimpleQueue()
+        # True once someone woke the thread since it last looked at the queue.  Set by
+        # _wake_up() (any thread), cleared by the writer thread at the top of each round; read
+        # by put()'s hot path with no guard (a stale True costs no wake-up that matters: the
+        # thread clears it before it looks at the queue's length).
         self._woken = False
+        # OPEN / DEGRADED / CLOSING / CLOSED.  Written under _lock only (_start_thread,
+        # _degrade, _run, _close, close, and _reset in a child); read everywhere with no guard
+        # (one load: put()'s hot path tests ``is _OPEN``).
         self._state = state
-        self._why = why                        # why DEGRADED
-        self._retry_at = float("inf")          # when DEGRADED may try a thread again
+        # Why DEGRADED (the synchronous-fallback cause).  Under _lock, with _state.
+        self._why = why
+        # When DEGRADED may try a thread again (monotonic; inf: never).  Written by _degrade()
+        # under _lock; read by _restart() under _lock.
+        self._retry_at = float("inf")
+        # The writer thread while OPEN, else None.  Written under _lock (_start_thread,
+        # _degrade); read under _lock by flush() and close().
         self._thread: Optional[threading.Thread] = None
+        # When the writer thread last started (monotonic).  Under _lock (_start_thread, _run).
         self._started_at = 0.0
-        self._done = 0                         # entries handled, in queue order
+        # Entries handled so far, in queue order (written, spilled or salvaged).  Advanced by
+        # _write_batch() under _write_lock, and by _salvage() without it (see the note on
+        # _salvage); read with no guard by flush()'s poll, close(), _leave() and the thread.
+        self._done = 0
+        # The queue position flush() asked the thread to reach.  Raised by flush() under
+        # _lock; read by the writer thread with no guard (a late look only delays a round).
         self._flush_to = 0
+        # True while the thread sleeps with no entry queued: the next put() wakes it (for the
+        # batch timeout).  Set and cleared by the writer thread, cleared by the put() that
+        # wakes it; no guard (a missed clear costs one extra wake-up).
         self._armed = False
-        self._stop_at = float("inf")           # set by close(): stop retrying, spill by then
-        self._causes: set = set()
-        # Threads inside a synchronous write or close(), and for each the queue position up
-        # to which a signal handler nested in it left entries (see _nested).
+        # When close() wants the sink to stop retrying and spill (monotonic; inf until a
+        # close).  Written once by _close() under _lock; read with no guard by the sink
+        # through _stop_time() (under _write_lock) and by _salvage().
+        self._stop_at = float("inf")
+        # Fallback causes already warned about (one warning each).  Added to by any thread
+        # in _write_to() with no guard (a race costs at most a second warning).
+        self._warned_causes: set = set()
+        # Threads inside a synchronous write, flush() or close(), and for each the queue
+        # position up to which a signal handler nested in it left entries (see _nested).
+        # Each thread adds, removes and reads only its own id (a signal handler runs on the
+        # thread it interrupted), so no guard: set and dict operations are atomic under the
+        # GIL.  close() also looks at its own key under _lock.
         self._inside: Set[int] = set()
         self._owed: Dict[int, int] = {}
 
@@ -127,7 +266,7 @@ class Engine:
                 dq.append(entry)
                 if not self._limit:
                     self._write_queued("tracker closed")
-                elif self._armed or (n >= self._wake_at and not self._woken):
+                elif self._armed or (n >= self._wake_len and not self._woken):
                     self._armed = False
                     self._wake_up()
                 return
@@ -184,8 +323,8 @@ class Engine:
 
     def _write_to(self, target: int, cause: str) -> None:
         self.stats.fallback_writes += 1
-        if cause not in self._causes:
-            self._causes.add(cause)
+        if cause not in self._warned_causes:
+            self._warned_causes.add(cause)
             log.warning("synchronous fallback (%s): the calling thread writes to SQLite", cause)
         me = threading.get_ident()
         if me in self._inside or self._write_lock.nested_here():
@@ -256,29 +395,28 @@ class Engine:
     # -- running the sink (whoever holds the write lock) ---------------------------------------
     def _run_until(self, target: int, reason: Optional[str], deadline: float) -> bool:
         while self._done < target:
-            if deadline <= time.monotonic() or not self._write_lock.acquire(deadline):
+            if deadline <= time.monotonic():
                 return False
-            try:
-                self._write_lock.busy = True
+            with self._write_lock.held(deadline) as got:
+                if not got:
+                    return False
                 n = min(target - self._done, self.config.max_batch)
                 if n > 0 and not self._write_batch(n, reason):
                     return False
                 if not self._dq:
                     break
-            finally:
-                self._write_lock.release()
         return True
 
     def _write_batch(self, n: int, reason: Optional[str]) -> bool:
-        batch = self._q.peek(n)   # stays queued until written: Ctrl-C or a bug drops nothing
+        batch = self._q.claim(n)   # stays queued until written: Ctrl-C or a bug drops nothing
         if not batch:
             return True
         try:
-            outcome = self.sink.write(batch, reason, self._deadline)
+            fate = self.sink.write(batch, reason, self._stop_time)
         except BaseException:
             self._q.unclaim()
             raise
-        if outcome is Outcome.HELD:
+        if fate is BatchFate.HELD:
             self._q.unclaim()
             return False
         self._q.drop(len(batch))
@@ -301,7 +439,7 @@ class Engine:
         except queue.Empty:
             pass
 
-    def _deadline(self) -> float:
+    def _stop_time(self) -> float:
         return self._stop_at
 
     # -- the thread ----------------------------------------------------------------------------
@@ -371,12 +509,10 @@ class Engine:
                     reason = "interval"
                 self._tick()
             if reason is not None:
-                self._write_lock.acquire(float("inf"))
-                try:
-                    self._write_lock.busy = True
-                    ok = self._write_batch(n, reason)
-                finally:
-                    self._write_lock.release()
+                # no deadline: this thread is never nested in a write of its own (signal handlers
+                # run on the main thread), so it gets the lock once the holder lets go
+                with self._write_lock.held(float("inf")) as got:
+                    ok = got and self._write_batch(n, reason)
                 if not ok:   # neither the database nor the spill took it: do not spin
                     self._sleep(1.0)
                 continue
@@ -390,14 +526,12 @@ class Engine:
     def _tick(self) -> None:
         if self.sink.spill_pending():
             self._replay(time.monotonic() + self.config.write_retry_budget)
-        if self._write_lock.acquire(time.monotonic() + 0.05):   # busy: the next tick does it
-            try:
-                self._write_lock.busy = True
-                self.sink.tick()
-            except Exception:
-                log.exception("periodic database check failed")
-            finally:
-                self._write_lock.release()
+        with self._write_lock.held(time.monotonic() + 0.05) as got:
+            if got:   # else busy: the next tick does it
+                try:
+                    self.sink.tick()
+                except Exception:
+                    log.exception("periodic database check failed")
         if self.on_tick is not None:
             try:
                 self.on_tick()
@@ -405,16 +539,14 @@ class Engine:
                 log.exception("tick hook failed")
 
     def _replay(self, deadline: float) -> bool:
-        if not self._write_lock.acquire(deadline):
-            return False
-        try:
-            self._write_lock.busy = True
-            return self.sink.replay(max(0.0, deadline - time.monotonic()))
-        except Exception:
-            log.exception("replaying the spill file failed; it is tried again later")
-            return False
-        finally:
-            self._write_lock.release()
+        with self._write_lock.held(deadline) as got:
+            if not got:
+                return False
+            try:
+                return self.sink.replay(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                log.exception("replaying the spill file failed; it is tried again later")
+                return False
 
     # -- flush and close -------------------------------------------------------------------------
     def flush(self, timeout: Optional[float]) -> bool:
@@ -510,18 +642,19 @@ class Engine:
         if not ok:
             self._salvage()
         ok = self._settle_spill(deadline) and ok and self._done >= target
-        if self._write_lock.acquire(deadline):
-            try:
-                self._write_lock.busy = True
+        with self._write_lock.held(deadline) as got:
+            if got:
                 self.sink.close()   # a later synchronous write opens one connection and keeps it
-            finally:
-                self._write_lock.release()
         return ok
 
     def _salvage(self) -> None:
         """close() ran out of time: what is still queued leaves memory now (spill or stderr),
         and so, as a precaution, does the batch a stuck write holds (should that write still
-        succeed, the replay finds those rows stored and skips them)."""
+        succeed, the replay finds those rows stored and skips them).
+
+        Runs without the write lock (it is the path for when that lock does not come): the
+        queue's mutex guards the take, and ``_done`` is advanced here unguarded while a stuck
+        write on another thread may advance it too when it finishes."""
         held = self._q.snapshot_claimed()
         entries = self._q.take_unclaimed()
         if held or entries:

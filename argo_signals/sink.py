@@ -1,7 +1,9 @@
 """The SQLite sink: connecting, one transaction per batch, retries, the spill file and its replay.
 
-The engine calls it under its write lock, from its thread or from a caller writing
-synchronously, so the sink itself holds no lock.  ``write()`` answers with an ``Outcome``:
+The engine calls ``write``, ``replay``, ``tick`` and ``close`` under its write lock, from its
+thread or from a caller writing synchronously, so the sink itself holds no lock; ``salvage``
+may run beside a stuck write on another thread, and only appends to the spill file (which
+has a lock of its own) or to stderr.  ``write()`` answers with a ``BatchFate``:
 committed, spilled (the database stayed unwritable past the retry budget, or a spill is still
 waiting and must be replayed first so that order holds), or held (neither the database nor
 the spill file took the batch: the engine keeps it).  ``salvage()`` is the last resort at
@@ -10,7 +12,6 @@ close: spill, else print the signals to stderr as ``argo-signals-unsaved: {json}
 """
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ from tenacity.stop import stop_base
 
 from . import spill
 from .config import Config
+from .entry import INSERT, UPDATE, BatchFate, Entry
+from .fileid import FileId, file_identity, identity_of
 from .record import FIELDS, finish
 from .stats import Stats
 from .store import (BatchResult, ForeignDatabaseError, connect, connect_readonly, ensure_schema,
@@ -31,38 +34,19 @@ from .store import (BatchResult, ForeignDatabaseError, connect, connect_readonly
 
 log = logging.getLogger("argo_signals")
 
-__all__ = ["Outcome", "SQLiteSink", "INSERT", "UPDATE", "Entry", "UNSAVED_PREFIX"]
+__all__ = ["SQLiteSink", "UNSAVED_PREFIX"]
 
-INSERT, UPDATE = 0, 1
-Entry = Tuple[int, Any, float]          # (kind, payload, time.monotonic() when logged)
 Update = Tuple[str, Dict[str, Any]]
 UNSAVED_PREFIX = "argo-signals-unsaved: "
 
 # Connections inherited from a parent process: never used nor closed in the child.
 _INHERITED: List[sqlite3.Connection] = []
-# Database files (dev, inode) this process inherited with a write transaction open: never writable here.
-_LOCKED_IN_THIS_PROCESS: Set[Tuple[int, int]] = set()
+# Database files (FileId) this process inherited with a write transaction open: never writable here.
+_LOCKED_IN_THIS_PROCESS: Set[FileId] = set()
 # A batch write replays a waiting spill first for at most this long; the rest replays on ticks.
 REPLAY_SLICE = 2.0
 # How long letting go of a moved database waits for other connections to let a checkpoint finish.
 MOVED_CHECKPOINT_WAIT = 2.0
-
-FileId = Optional[Tuple[int, int]]
-
-
-def _file_id(path: str) -> FileId:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-class Outcome(enum.Enum):
-    COMMITTED = "committed"
-    SPILLED = "spilled"
-    HELD = "held"
-
 
 class SQLiteSink:
     def __init__(self, config: Config, stats: Stats,
@@ -72,8 +56,8 @@ class SQLiteSink:
         self.on_commit = on_commit
         self.spill_path = config.spill_path
         self._conn: Optional[sqlite3.Connection] = None
-        self._inode: FileId = None
-        self._journal: Tuple[FileId, FileId] = (None, None)   # our -wal and -shm files
+        self._db_file_id: Optional[FileId] = None   # the database file _conn has open
+        self._journal: Tuple[Optional[FileId], Optional[FileId]] = (None, None)   # our -wal and -shm files
         self._busy = config.busy_timeout   # the lock wait the open connection has now
         self._warned_seq = 0               # waiting updates reported overdue up to this seq
 
@@ -93,7 +77,7 @@ class SQLiteSink:
 
     def _connection(self) -> sqlite3.Connection:
         path = self.config.db_path
-        if self._conn is not None and self._inode is not None and _file_id(path) != self._inode:
+        if self._conn is not None and self._db_file_id is not None and file_identity(path) != self._db_file_id:
             # the file was moved, deleted or replaced: writing on would go to the old inode
             log.warning("database file %s was moved, deleted or replaced; what this tracker "
                         "committed is checkpointed into the old file, new rows go to a new file "
@@ -109,16 +93,16 @@ class SQLiteSink:
             except BaseException:
                 conn.close()
                 raise
-            if self._inode != (st.st_dev, st.st_ino):
+            if self._db_file_id != identity_of(st):
                 self._warned_seq = 0    # another file: its waiting_updates count seq from 1 again
-            self._conn, self._inode = conn, (st.st_dev, st.st_ino)
-            self._journal = (_file_id(path + "-wal"), _file_id(path + "-shm"))
+            self._conn, self._db_file_id = conn, identity_of(st)
+            self._journal = (file_identity(path + "-wal"), file_identity(path + "-shm"))
         return self._conn
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            if self._inode is not None and _file_id(self.config.db_path) != self._inode:
+            if self._db_file_id is not None and file_identity(self.config.db_path) != self._db_file_id:
                 self._let_go_of_moved(conn)
             else:
                 try:
@@ -149,7 +133,7 @@ class SQLiteSink:
         except sqlite3.Error:
             pass
         for name, ours in zip((path + "-wal", path + "-shm"), self._journal):
-            if ours is None or _file_id(name) != ours:
+            if ours is None or file_identity(name) != ours:
                 continue   # not there, or already a new database's
             try:
                 if complete or name.endswith("-shm"):
@@ -173,7 +157,7 @@ class SQLiteSink:
             return
         path = self.config.db_path
         try:
-            if _file_id(path) != self._inode:
+            if file_identity(path) != self._db_file_id:
                 self._connection()
             conn = connect_readonly(path, timeout=1.0)
             try:
@@ -194,19 +178,19 @@ class SQLiteSink:
     def after_fork(self) -> None:
         if self._conn is not None:
             _INHERITED.append(self._conn)
-            if self._conn.in_transaction and self._inode is not None:
+            if self._conn.in_transaction and self._db_file_id is not None:
                 # a write of the parent's was open at the fork (a signal handler forked inside
                 # it, or it outlasted the fork's bound): SQLite's in-process lock state keeps
                 # that lock for this child's whole life, so nothing here can write this file
-                _LOCKED_IN_THIS_PROCESS.add(self._inode)
+                _LOCKED_IN_THIS_PROCESS.add(self._db_file_id)
         self._conn = None
 
     def _locked_for_good(self) -> bool:
-        return bool(_LOCKED_IN_THIS_PROCESS) and _file_id(self.config.db_path) in _LOCKED_IN_THIS_PROCESS
+        return bool(_LOCKED_IN_THIS_PROCESS) and file_identity(self.config.db_path) in _LOCKED_IN_THIS_PROCESS
 
     # -- writing ------------------------------------------------------------------------
     def write(self, entries: Sequence[Entry], reason: Optional[str],
-              stop_at: Callable[[], float]) -> Outcome:
+              stop_at: Callable[[], float]) -> BatchFate:
         rows, starts, updates = [], [], []
         for kind, payload, t in entries:
             if kind == INSERT:
@@ -215,7 +199,7 @@ class SQLiteSink:
             else:
                 updates.append(payload)
         if not rows and not updates:
-            return Outcome.COMMITTED
+            return BatchFate.COMMITTED
         left = _left(stop_at)
         if self._locked_for_good():
             return self._spill(entries, rows, updates, "this process was forked inside a write to the "
@@ -252,7 +236,7 @@ class SQLiteSink:
             return self._spill(entries, rows, updates, str(exc), _left(stop_at))
         self.stats.transactions += 1
         self._account(result, starts, reason)
-        return Outcome.COMMITTED
+        return BatchFate.COMMITTED
 
     def _account(self, result: BatchResult, starts: List[float], reason: Optional[str]) -> None:
         st = self.stats
@@ -289,19 +273,19 @@ class SQLiteSink:
         return os.path.exists(self.spill_path) or os.path.exists(self.spill_path + ".replaying")
 
     def _spill(self, entries: Sequence[Entry], rows: List[tuple], updates: List[Update], why: str,
-               max_wait: Optional[float] = None) -> Outcome:
+               max_wait: Optional[float] = None) -> BatchFate:
         times = [t for k, _, t in entries if k == UPDATE]   # monotonic: the order of the calls
         try:
             spill.append(self.spill_path, rows, updates, times, max_wait)
         except OSError as err:
             log.critical("database unwritable (%s) and spill file %s unwritable (%s): %d signals "
                          "stay in memory", why, self.spill_path, err, len(rows))
-            return Outcome.HELD
+            return BatchFate.HELD
         self.stats.spilled += len(rows)
         log.error("database unwritable (%s): %d signals and %d updates spilled to %s; they are "
                   "replayed when the database can be written", why, len(rows), len(updates),
                   self.spill_path)
-        return Outcome.SPILLED
+        return BatchFate.SPILLED
 
     def _bounded(self, max_wait: Optional[float]) -> sqlite3.Connection:
         """The connection, its lock wait cut to ``max_wait`` seconds (None: the configured one)."""
@@ -353,14 +337,14 @@ class SQLiteSink:
                             "stored)", rows, updates, self.spill_path, inserted, duplicates)
         return not self.spill_pending()
 
-    def salvage(self, entries: Sequence[Entry], max_wait: Optional[float] = None) -> Outcome:
+    def salvage(self, entries: Sequence[Entry], max_wait: Optional[float] = None) -> BatchFate:
         """Last resort for entries that must leave memory now: spill, else stderr."""
         rows = [finish(p) for k, p, _ in entries if k == INSERT]
         updates = [p for k, p, _ in entries if k == UPDATE]
         if not rows and not updates:
-            return Outcome.COMMITTED
-        if self._spill(entries, rows, updates, "no time left to write", max_wait) is Outcome.SPILLED:
-            return Outcome.SPILLED
+            return BatchFate.COMMITTED
+        if self._spill(entries, rows, updates, "no time left to write", max_wait) is BatchFate.SPILLED:
+            return BatchFate.SPILLED
         lines = [UNSAVED_PREFIX + json.dumps(_as_signal(r)) for r in rows]
         lines += [UNSAVED_PREFIX + json.dumps({"update_of": s, "fields": f}) for s, f in updates]
         try:
@@ -373,7 +357,7 @@ class SQLiteSink:
                      "%d updates printed to stderr as '%s' lines; recover them with "
                      "`argo-signals ingest`", self.spill_path, len(rows), len(updates),
                      UNSAVED_PREFIX.strip())
-        return Outcome.HELD
+        return BatchFate.HELD
 
 
 def _left(stop_at: Callable[[], float]) -> Optional[float]:

@@ -27,6 +27,7 @@ from .alpine import (HEALTH_PATH, SIGNAL_PATH, Answer, Kind, check_alpine_url, c
                      parse_retry_after, payload, refusal, refusal_sql, register_sql_functions)
 from .breaker import Breaker, Prober
 from .delivery import Delivery, Redactor, safe_url, url_secrets
+from .fileid import FileId, identity_of
 from .outcomes import Outcomes
 from .ratelimit import Gate
 from .lifecycle import EXITING as interpreter_exiting
@@ -101,7 +102,7 @@ class Syncer:
         self._renudge = False
         self._paused_until = 0.0
         self._stopped = False
-        self._file_id: Optional[Tuple[int, int]] = None
+        self._file_id: Optional[FileId] = None
         self._generation = 0
         self._warned_confidence = False
         self.max_inflight = self.config.workers * 4
@@ -159,7 +160,7 @@ class Syncer:
             return False
         if st.st_size == 0:
             return False
-        ident = (st.st_dev, st.st_ino)
+        ident = identity_of(st)
         with self._lock:
             if self._file_id is None or ident == self._file_id:
                 self._file_id = ident

@@ -16,7 +16,8 @@ from . import lifecycle, spill, store
 from .config import Config, default_db_path
 from .engine import Engine, State
 from .record import normalise, normalise_update
-from .sink import INSERT, UPDATE, SQLiteSink
+from .entry import INSERT, UPDATE
+from .sink import SQLiteSink
 from .stats import SYNC_LAG_BUCKETS, Histogram, Stats
 from .sync import Syncer, SyncConfig
 

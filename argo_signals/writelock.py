@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 log = logging.getLogger("argo_signals")
 
-__all__ = ["WriteLock", "seconds_until"]
+__all__ = ["Held", "WriteLock", "seconds_until"]
 
 OWNERLESS_GRACE = 1.0
 
@@ -103,3 +103,47 @@ class WriteLock:
         self.busy = False
         self._owner = None
         self._lock.release()
+
+    def held(self, deadline: float) -> "Held":
+        """The one way the engine runs under this lock::
+
+            with write_lock.held(deadline) as got:
+                if got:
+                    ...   # the sink's work; busy is set, the lock is released on the way out
+
+        ``got`` is ``acquire(deadline)``'s answer: False when the deadline passed first, or when
+        this is a signal handler nested in a write of its own thread (``nested_here()``); the
+        lock is then neither held nor released."""
+        return Held(self, deadline)
+
+
+class Held:
+    """``WriteLock.held()``: acquire, mark ``busy``, and release on the way out.
+
+    ``busy`` is set in ``__enter__`` right after a successful acquire and ``with`` calls
+    ``__exit__`` for anything raised in its body, so the steps that a Ctrl-C can interrupt are
+    the ones ``acquire(); try: busy = True ... finally: release()`` written out had: inside
+    ``acquire()`` (a lock left ownerless, taken back by generation) and on entering the code
+    that releases (``__exit__`` does the release's three steps itself rather than calling
+    ``release()``, so there is one such entry, as before)."""
+
+    __slots__ = ("_lock", "_deadline", "got")
+
+    def __init__(self, lock: WriteLock, deadline: float) -> None:
+        self._lock = lock
+        self._deadline = deadline
+        self.got = False
+
+    def __enter__(self) -> bool:
+        lock = self._lock
+        self.got = got = lock.acquire(self._deadline)
+        if got:
+            lock.busy = True
+        return got
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.got:
+            lock = self._lock
+            lock.busy = False
+            lock._owner = None
+            lock._lock.release()

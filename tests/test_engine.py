@@ -7,7 +7,7 @@ import pytest
 from argo_signals.config import Config
 from argo_signals.batchqueue import EntryQueue, Sealed
 from argo_signals.engine import Engine, State
-from argo_signals.sink import INSERT, Outcome
+from argo_signals.entry import INSERT, BatchFate
 from argo_signals.stats import Stats
 
 from conftest import wait_for
@@ -29,11 +29,11 @@ class FakeSink:
             exc, self.raise_once = self.raise_once, None
             raise exc
         if self.hold:
-            return Outcome.HELD
+            return BatchFate.HELD
         time.sleep(self.delay)
         with self.lock:
             self.written.extend(p for _, p, _ in entries)
-        return Outcome.COMMITTED
+        return BatchFate.COMMITTED
 
     def replay(self, max_wait=None):
         return True
@@ -43,7 +43,7 @@ class FakeSink:
 
     def salvage(self, entries, max_wait=None):
         self.salvaged = [p for _, p, _ in entries]
-        return Outcome.HELD
+        return BatchFate.HELD
 
     def close(self):
         self.closed += 1
@@ -73,7 +73,7 @@ def test_queue_counts_claims_and_seals():
     for i in range(3):
         q.put_nowait((INSERT, i, 0.0))
     assert q.seq == 3 and q.full()
-    batch = q.peek(2)                      # claimed, still queued until written
+    batch = q.claim(2)                      # claimed, still queued until written
     assert [p for _, p, _ in batch] == [0, 1] and q.seq == 3 and len(q.queue) == 3
     assert [p for _, p, _ in q.take_unclaimed()] == [2]   # close()'s last resort skips the claim
     q.drop(2)
