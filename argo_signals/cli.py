@@ -316,7 +316,7 @@ def sync(db_path: str, alpine_url: Optional[str], retry_rejected: bool, retry_fa
     exit 2: a bad URL or key (configuration); exit 3: nothing answered for --timeout seconds;
     exit 4: the database could not be read or written (locked, unreadable).
     """
-    from .sync_now import SyncSetupError, push
+    from .drain import SyncSetupError, push
 
     try:
         result = push(db_path, alpine_url, retry_rejected, retry_failed, limit, timeout, progress=_bar(quiet))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import argo_signals
-from argo_signals import SignalTracker, dbview, demo_run, sync_now
+from argo_signals import SignalTracker, dbview, demo_run, drain
 from argo_signals.config import alpine_target
 from argo_signals.store import SYNC_STATUSES
 from conftest import make_signal
@@ -94,15 +94,15 @@ def test_sync_setup_refuses_before_sending(db, monkeypatch, url, env, status, wo
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(sync_now.SyncSetupError) as caught:
-        sync_now.push(str(db), url, timeout=1)
+    with pytest.raises(drain.SyncSetupError) as caught:
+        drain.push(str(db), url, timeout=1)
     assert caught.value.exit_status == status and words in caught.value.line
     assert "\t" not in caught.value.line
 
 
 def test_sync_of_a_missing_database_is_exit_1(tmp_path):
-    with pytest.raises(sync_now.SyncSetupError) as caught:
-        sync_now.push(str(tmp_path / "none.db"), "http://127.0.0.1:1")
+    with pytest.raises(drain.SyncSetupError) as caught:
+        drain.push(str(tmp_path / "none.db"), "http://127.0.0.1:1")
     assert caught.value.exit_status == 1 and caught.value.line == f"Error: no database at {tmp_path / 'none.db'}"
 
 
