@@ -279,17 +279,23 @@ def test_the_imports_check_catches_a_new_import_and_a_stale_one(tmp_path):
         f.write("\n\ndef _late() -> None:\n    from . import stats  # noqa: F401\n")
     assert imports_column_problems(text, pkg) == [
         "writelock.py imports: the table misses ['stats'], lists [] it does not import"]
-    row = next(line for line in text.splitlines() if line.startswith("| `drain.py` |"))
-    stale = text.replace(row, row.replace("| `sync` |", "| `sync`, `store` |"))
+    stale = with_import(text, "drain.py", "report")
     assert imports_column_problems(stale, PKG) == [
-        "drain.py imports: the table misses [], lists ['store'] it does not import"]
+        "drain.py imports: the table misses [], lists ['report'] it does not import"]
+
+
+def with_import(text: str, module: str, extra: str) -> str:
+    """``text`` with ``extra`` added to the imports column of ``module``'s row."""
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{module}` |"))
+    head, imports = row.rstrip(" |").rsplit("| ", 1)
+    imports = f"`{extra}`" if imports.strip() == "—" else f"{imports.strip()}, `{extra}`"
+    return text.replace(row, f"{head}| {imports} |")
 
 
 def test_dependencies_point_one_way():
     text = DOC.read_text(encoding="utf-8")
     assert cycle_problems(text) == []
-    row = next(line for line in text.splitlines() if line.startswith("| `record.py` |"))
-    looped = text.replace(row, row.replace("| — |", "| `sink` |"))
+    looped = with_import(text, "record.py", "sink")
     assert len(cycle_problems(looped)) == 1 and "record" in cycle_problems(looped)[0]
 
 
