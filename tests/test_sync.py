@@ -507,7 +507,7 @@ def test_a_fractional_confidence_warns_once_per_tracker(db, alpine, caplog):
             for c in (0.8, 0.5, 1, 70):
                 t.log_signal(make_signal(n, confidence=c))
                 n += 1
-            assert wait_for(lambda: all_settled(db, n), 10)
+            assert wait_for(lambda n=n: all_settled(db, n), 10)
     warned = [r.getMessage() for r in caplog.records if "confidence" in r.getMessage()]
     assert len(warned) == 2, warned
     assert "0-100" in warned[0] and "80" in warned[0]
