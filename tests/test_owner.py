@@ -28,7 +28,7 @@ def token_for(pid, start, **over):
     return "|".join(parts.values())
 
 
-def wait_state(pid, state, timeout=5.0):
+def wait_state(pid, state, timeout=15.0):
     deadline = time.monotonic() + timeout
     while proc_stat(pid)[0] != state:
         assert time.monotonic() < deadline, f"pid {pid} never reached state {state}"

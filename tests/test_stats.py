@@ -87,6 +87,7 @@ def test_the_snapshot_is_cumulative_labelled_counted_and_summed():
 def test_the_sum_is_exact_over_many_small_values_and_rounded_to_a_microsecond():
     h = Histogram((1.0,))
     h.observe([0.1] * 10)          # plain float addition gives 0.9999999999999999
+    assert h.sum == 1.0
     h.observe(x / 1e7 for x in (1, 2, 3))   # (a generator is read once)
     snap = h.snapshot()
     assert snap["count"] == 13 and snap["sum"] == 1.000001
