@@ -4,9 +4,11 @@ The clock is injected, so every pause is exact and no test sleeps; the one test 
 real threads only checks how many of them are let through.
 """
 import threading
+import time
 
 import pytest
 
+from argo_signals.alpine import Kind
 from argo_signals.ratelimit import Gate, GateState
 
 
@@ -150,10 +152,91 @@ def test_threads_racing_after_a_pause_send_one_test_request(clock):
 
 
 def test_the_default_clock_is_the_monotonic_one():
-    import time
     gate = Gate()
     assert gate.clock is time.monotonic
     gate.hold(0.05)
     assert gate.closed and 0.0 < gate.remaining() <= 0.05
     time.sleep(0.06)
     assert not gate.closed and gate.admit() and not gate.admit()
+
+
+# -- what a receiver's answer holds the gate for (the Retry-After clamp), over real HTTP --------
+KEY = "rate-limit-test-key-0123456789"
+
+
+@pytest.fixture
+def receiver():
+    from argo_signals.testing import AlpineServer
+    server = AlpineServer(KEY).start()
+    yield server
+    server.stop()
+
+
+def delivery_to(server, gate, **cfg):
+    from argo_signals.breaker import Breaker
+    from argo_signals.delivery import Delivery, Redactor
+    from argo_signals.sync import SyncConfig
+    config = SyncConfig(server.url, KEY, timeout=(1.0, 1.0), **cfg)
+    return Delivery(config, Breaker(100), threading.Event(), Redactor([KEY]), gate=gate)
+
+
+@pytest.mark.parametrize("status,retry_after,held", [
+    (429, "7", 7.0),
+    (429, "3600", 30.0),                            # clamped to max_retry_after
+    (429, "0", 1.0),                                # "retry now" still pauses the shortest pause
+    (429, "Thu, 01 Jan 1970 00:00:00 GMT", 1.0),    # a date already past, likewise
+    (429, None, 5.0),                               # no Retry-After: max_backoff
+    (429, "soon", 5.0),                             # an unusable one, likewise
+    (503, "12", 12.0),                              # a proxy's 503 that says when
+])
+def test_a_rate_limit_answer_holds_the_gate_for_its_clamped_wait(receiver, clock, status, retry_after, held):
+    gate = Gate(clock=clock)
+    receiver.fail(status, headers=None if retry_after is None else {"Retry-After": retry_after})
+    answer = delivery_to(receiver, gate).post(b"{}")
+    assert answer.retry_after is None or answer.retry_after >= 0
+    assert gate.state is GateState.PAUSED and gate.remaining() == held
+
+
+@pytest.mark.parametrize("status", [200, 422, 500, 503])
+def test_an_answer_that_is_not_a_rate_limit_does_not_hold_the_gate(receiver, clock, status):
+    gate = Gate(clock=clock)
+    receiver.fail(status, body={"status": "success"} if status == 200 else None)
+    delivery_to(receiver, gate).post(b"{}")
+    assert gate.state is GateState.FREE and gate.remaining() == 0.0 and not gate.closed
+
+
+def test_during_the_pause_nothing_is_sent_then_one_test_goes_while_the_rest_wait(receiver, clock):
+    gate = Gate(clock=clock)
+    delivery = delivery_to(receiver, gate, max_retry_after=2.0)
+    receiver.fail(429, headers={"Retry-After": "60"})
+    delivery.post(b"{}")
+    assert len(receiver.requests) == 1 and gate.remaining() == 2.0
+    held = delivery.post(b"{}")                    # refused here, not sent
+    assert held.kind is Kind.RATE_LIMITED and held.retry_after == 2.0
+    assert len(receiver.requests) == 1
+
+    clock.now += 2.0
+    receiver.delay = 0.2                            # the test request takes a while to answer
+    receiver.fail(200, body={"status": "success"})
+    test = threading.Thread(target=delivery.post, args=(b"{}",))
+    test.start()
+    try:
+        assert wait_until(lambda: gate.state is GateState.TESTING)
+        other = delivery.post(b"{}")                # another worker meanwhile: waits
+        assert other.kind is Kind.RATE_LIMITED
+    finally:
+        test.join(5)
+    assert not test.is_alive()
+    assert len(receiver.requests) == 2 and gate.state is GateState.FREE
+    receiver.delay = 0.0
+    receiver.fail(200, body={"status": "success"})
+    assert delivery.post(b"{}").kind is Kind.SYNCED and len(receiver.requests) == 3
+
+
+def wait_until(pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
