@@ -33,4 +33,6 @@ def escape_controls(text: Any) -> str:
 
 def clip(text: str, limit: int) -> str:
     """``text`` cut to at most ``limit`` characters (an ellipsis marks the cut)."""
-    return text if len(text) <= limit else text[:max(0, limit - 3)] + "..."
+    if len(text) <= limit:
+        return text
+    return text[:limit - 3] + "..." if limit >= 3 else text[:max(0, limit)]
