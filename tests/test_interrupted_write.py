@@ -10,23 +10,26 @@ CTRL_C_AFTER_THE_LOCK = """
 import faulthandler, json, logging, os, signal, sqlite3, sys, threading, time
 logging.basicConfig(level=logging.CRITICAL)
 from argo_signals import SignalTracker
-db, seconds = sys.argv[1], float(sys.argv[2])
+db, seconds, until = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 
 def sig(i):
     return {"symbol": "AAPL", "action": "BUY", "entry_price": 100.0 + i, "confidence": 50}
 
 def child():
-    faulthandler.dump_traceback_later(30, exit=True)
+    faulthandler.dump_traceback_later(20, exit=True)
     # a forked child writes synchronously: each log_signal() runs the sink on this thread
     t = SignalTracker(db, sync_enabled=False, register_atexit=False)
     engine, main = t._engine, threading.get_ident()
     lock, q = engine._write_lock, engine._q
     state = {"armed": False, "claimed": False, "hits": 0}
-    real_claim = q.claim
-    def claim(n):
+    # the moment ends when the writer claims its batch, or (until == "write") when the sink's
+    # write begins: the claim, under the queue's mutex, is then inside it
+    owner, name = (q, "claim") if until == "claim" else (engine.sink, "write")
+    real = getattr(owner, name)
+    def mark(*a, **k):
         state["claimed"] = True
-        return real_claim(n)
-    q.claim = claim
+        return real(*a, **k)
+    setattr(owner, name, mark)
     def on_alarm(num, frame):
         if state["armed"] and lock.busy and lock._owner == main and not state["claimed"]:
             state["armed"] = False
@@ -78,9 +81,21 @@ def test_a_ctrl_c_right_after_the_write_lock_is_taken_does_not_keep_it(db):
     """The lock is marked busy only where a Ctrl-C after the mark still releases it.  A busy
     mark left behind would make every later write of this thread count as nested in a write
     (queued, owed, never written) and close() answer False."""
-    p = run_script(CTRL_C_AFTER_THE_LOCK, db, 3, timeout=90)
+    p = run_script(CTRL_C_AFTER_THE_LOCK, db, 3, "claim", timeout=90)
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got is not None and "error" not in got, got
     assert got["hits"] > 0, got   # the interrupt did land in that moment
+    assert {k: got[k] for k in ("stuck", "close", "missing")} == {"stuck": 0, "close": True, "missing": 0}, got
+
+
+def test_a_ctrl_c_before_the_sink_writes_leaves_no_lock_held(db):
+    """Wider moment: from taking the write lock until the sink's write begins (the batch is
+    claimed under the queue's mutex meanwhile).  Neither the write lock nor the queue's
+    mutex may stay held: the next log_signal() of this thread must not wait forever."""
+    p = run_script(CTRL_C_AFTER_THE_LOCK, db, 3, "write", timeout=90)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got is not None and "error" not in got, (got, p.stderr[-2000:])
+    assert got["hits"] > 0, got
     assert {k: got[k] for k in ("stuck", "close", "missing")} == {"stuck": 0, "close": True, "missing": 0}, got
