@@ -190,7 +190,8 @@ class Engine:
         # _stop_at, _flush_to) happen under this lock.  Held only for a few statements, never
         # across a write or a wait.
         self._lock = threading.Lock()
-        # Whoever runs the sink holds it (writelock.WriteLock, entered through held()): the
+        # Whoever runs the sink holds it (writelock.WriteLock: acquire, then busy = True as the
+        # first statement of the try whose finally releases it; see the note at WriteLock.held): the
         # writer thread, a caller writing synchronously, flush(), close(), the tick, a replay;
         # before_fork() reserves it for a fork.  A signal handler nested in a write of its own
         # thread does not get it (nested_here()): it queues and leaves its entry as owed.
@@ -395,16 +396,17 @@ class Engine:
     # -- running the sink (whoever holds the write lock) ---------------------------------------
     def _run_until(self, target: int, reason: Optional[str], deadline: float) -> bool:
         while self._done < target:
-            if deadline <= time.monotonic():
+            if deadline <= time.monotonic() or not self._write_lock.acquire(deadline):
                 return False
-            with self._write_lock.held(deadline) as got:
-                if not got:
-                    return False
+            try:
+                self._write_lock.busy = True   # first thing inside the try: see writelock
                 n = min(target - self._done, self.config.max_batch)
                 if n > 0 and not self._write_batch(n, reason):
                     return False
                 if not self._dq:
                     break
+            finally:
+                self._write_lock.release()
         return True
 
     def _write_batch(self, n: int, reason: Optional[str]) -> bool:
@@ -511,8 +513,13 @@ class Engine:
             if reason is not None:
                 # no deadline: this thread is never nested in a write of its own (signal handlers
                 # run on the main thread), so it gets the lock once the holder lets go
-                with self._write_lock.held(float("inf")) as got:
-                    ok = got and self._write_batch(n, reason)
+                ok = False
+                if self._write_lock.acquire(float("inf")):
+                    try:
+                        self._write_lock.busy = True
+                        ok = self._write_batch(n, reason)
+                    finally:
+                        self._write_lock.release()
                 if not ok:   # neither the database nor the spill took it: do not spin
                     self._sleep(1.0)
                 continue
@@ -526,12 +533,14 @@ class Engine:
     def _tick(self) -> None:
         if self.sink.spill_pending():
             self._replay(time.monotonic() + self.config.write_retry_budget)
-        with self._write_lock.held(time.monotonic() + 0.05) as got:
-            if got:   # else busy: the next tick does it
-                try:
-                    self.sink.tick()
-                except Exception:
-                    log.exception("periodic database check failed")
+        if self._write_lock.acquire(time.monotonic() + 0.05):   # busy: the next tick does it
+            try:
+                self._write_lock.busy = True
+                self.sink.tick()
+            except Exception:
+                log.exception("periodic database check failed")
+            finally:
+                self._write_lock.release()
         if self.on_tick is not None:
             try:
                 self.on_tick()
@@ -539,14 +548,16 @@ class Engine:
                 log.exception("tick hook failed")
 
     def _replay(self, deadline: float) -> bool:
-        with self._write_lock.held(deadline) as got:
-            if not got:
-                return False
-            try:
-                return self.sink.replay(max(0.0, deadline - time.monotonic()))
-            except Exception:
-                log.exception("replaying the spill file failed; it is tried again later")
-                return False
+        if not self._write_lock.acquire(deadline):
+            return False
+        try:
+            self._write_lock.busy = True
+            return self.sink.replay(max(0.0, deadline - time.monotonic()))
+        except Exception:
+            log.exception("replaying the spill file failed; it is tried again later")
+            return False
+        finally:
+            self._write_lock.release()
 
     # -- flush and close -------------------------------------------------------------------------
     def flush(self, timeout: Optional[float]) -> bool:
@@ -642,9 +653,12 @@ class Engine:
         if not ok:
             self._salvage()
         ok = self._settle_spill(deadline) and ok and self._done >= target
-        with self._write_lock.held(deadline) as got:
-            if got:
+        if self._write_lock.acquire(deadline):
+            try:
+                self._write_lock.busy = True
                 self.sink.close()   # a later synchronous write opens one connection and keeps it
+            finally:
+                self._write_lock.release()
         return ok
 
     def _salvage(self) -> None:

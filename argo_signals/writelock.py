@@ -113,7 +113,14 @@ class WriteLock:
 
         ``got`` is ``acquire(deadline)``'s answer: False when the deadline passed first, or when
         this is a signal handler nested in a write of its own thread (``nested_here()``); the
-        lock is then neither held nor released."""
+        lock is then neither held nor released.
+
+        The engine does not use it: on Python 3.9 the interpreter also delivers signals after
+        an attribute store, so a Ctrl-C landing just after ``__enter__`` marks ``busy`` (before
+        the ``with`` body is entered, when ``__exit__`` is not yet due) would leave the lock
+        held and busy, and every later write of that thread would count as nested.  The engine
+        writes ``acquire(); try: busy = True ... finally: release()`` out, where the mark is
+        the first statement inside the ``try``."""
         return Held(self, deadline)
 
 
