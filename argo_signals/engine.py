@@ -29,6 +29,7 @@ Who writes which attribute, under which guard, and who reads it: see ``Engine.__
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import queue
 import threading
@@ -51,6 +52,13 @@ class State(enum.Enum):
     DEGRADED = "degraded"
     CLOSING = "closing"
     CLOSED = "closed"
+
+
+class _Step(enum.Enum):
+    """What one batch of a caller's synchronous write left (``Engine._next_batch``)."""
+    MORE = "more"        # written; the queue holds more
+    EMPTY = "empty"      # written; the queue is empty
+    FAILED = "failed"    # neither the database nor the spill took it
 
 
 class Sink(Protocol):
@@ -190,8 +198,8 @@ class Engine:
         # _stop_at, _flush_to) happen under this lock.  Held only for a few statements, never
         # across a write or a wait.
         self._lock = threading.Lock()
-        # Whoever runs the sink holds it (writelock.WriteLock: acquire, then busy = True as the
-        # first statement of the try whose finally releases it; see the note at WriteLock.held): the
+        # Whoever runs the sink holds it, always through WriteLock.call (acquire by a deadline,
+        # busy marked first inside the try whose finally releases; see its docstring): the
         # writer thread, a caller writing synchronously, flush(), close(), the tick, a replay;
         # before_fork() reserves it for a fork.  A signal handler nested in a write of its own
         # thread does not get it (nested_here()): it queues and leaves its entry as owed.
@@ -396,18 +404,21 @@ class Engine:
     # -- running the sink (whoever holds the write lock) ---------------------------------------
     def _run_until(self, target: int, reason: Optional[str], deadline: float) -> bool:
         while self._done < target:
-            if deadline <= time.monotonic() or not self._write_lock.acquire(deadline):
+            if deadline <= time.monotonic():
                 return False
-            try:
-                self._write_lock.busy = True   # first thing inside the try: see writelock
-                n = min(target - self._done, self.config.max_batch)
-                if n > 0 and not self._write_batch(n, reason):
-                    return False
-                if not self._dq:
-                    break
-            finally:
-                self._write_lock.release()
+            got, step = self._write_lock.call(deadline, lambda: self._next_batch(target, reason))
+            if not got or step is _Step.FAILED:
+                return False
+            if step is _Step.EMPTY:
+                break
         return True
+
+    def _next_batch(self, target: int, reason: Optional[str]) -> "_Step":
+        """Under the write lock: the next batch towards ``target``."""
+        n = min(target - self._done, self.config.max_batch)
+        if n > 0 and not self._write_batch(n, reason):
+            return _Step.FAILED
+        return _Step.MORE if self._dq else _Step.EMPTY
 
     def _write_batch(self, n: int, reason: Optional[str]) -> bool:
         batch = self._q.claim(n)   # stays queued until written: Ctrl-C or a bug drops nothing
@@ -513,13 +524,7 @@ class Engine:
             if reason is not None:
                 # no deadline: this thread is never nested in a write of its own (signal handlers
                 # run on the main thread), so it gets the lock once the holder lets go
-                ok = False
-                if self._write_lock.acquire(float("inf")):
-                    try:
-                        self._write_lock.busy = True
-                        ok = self._write_batch(n, reason)
-                    finally:
-                        self._write_lock.release()
+                _, ok = self._write_lock.call(float("inf"), functools.partial(self._write_batch, n, reason))
                 if not ok:   # neither the database nor the spill took it: do not spin
                     self._sleep(1.0)
                 continue
@@ -533,14 +538,10 @@ class Engine:
     def _tick(self) -> None:
         if self.sink.spill_pending():
             self._replay(time.monotonic() + self.config.write_retry_budget)
-        if self._write_lock.acquire(time.monotonic() + 0.05):   # busy: the next tick does it
-            try:
-                self._write_lock.busy = True
-                self.sink.tick()
-            except Exception:
-                log.exception("periodic database check failed")
-            finally:
-                self._write_lock.release()
+        try:   # lock busy: the next tick does it
+            self._write_lock.call(time.monotonic() + 0.05, self.sink.tick)
+        except Exception:
+            log.exception("periodic database check failed")
         if self.on_tick is not None:
             try:
                 self.on_tick()
@@ -548,16 +549,13 @@ class Engine:
                 log.exception("tick hook failed")
 
     def _replay(self, deadline: float) -> bool:
-        if not self._write_lock.acquire(deadline):
-            return False
         try:
-            self._write_lock.busy = True
-            return self.sink.replay(max(0.0, deadline - time.monotonic()))
+            _, done = self._write_lock.call(
+                deadline, lambda: self.sink.replay(max(0.0, deadline - time.monotonic())))
         except Exception:
             log.exception("replaying the spill file failed; it is tried again later")
             return False
-        finally:
-            self._write_lock.release()
+        return bool(done)
 
     # -- flush and close -------------------------------------------------------------------------
     def flush(self, timeout: Optional[float]) -> bool:
@@ -653,12 +651,8 @@ class Engine:
         if not ok:
             self._salvage()
         ok = self._settle_spill(deadline) and ok and self._done >= target
-        if self._write_lock.acquire(deadline):
-            try:
-                self._write_lock.busy = True
-                self.sink.close()   # a later synchronous write opens one connection and keeps it
-            finally:
-                self._write_lock.release()
+        # a later synchronous write opens one connection and keeps it
+        self._write_lock.call(deadline, self.sink.close)
         return ok
 
     def _salvage(self) -> None:

@@ -20,11 +20,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, TypeVar
 
 log = logging.getLogger("argo_signals")
 
-__all__ = ["Held", "WriteLock", "seconds_until"]
+__all__ = ["WriteLock", "seconds_until"]
+
+T = TypeVar("T")
 
 OWNERLESS_GRACE = 1.0
 
@@ -104,53 +106,21 @@ class WriteLock:
         self._owner = None
         self._lock.release()
 
-    def held(self, deadline: float) -> "Held":
-        """The one way the engine runs under this lock::
+    def call(self, deadline: float, work: Callable[[], T]) -> Tuple[bool, Optional[T]]:
+        """The one way the engine runs under this lock: ``(True, work())`` once the lock is
+        taken by ``deadline``, ``(False, None)`` when it is not (the deadline passed first, or
+        this is a signal handler nested in a write of its own thread, ``nested_here()``).
 
-            with write_lock.held(deadline) as got:
-                if got:
-                    ...   # the sink's work; busy is set, the lock is released on the way out
-
-        ``got`` is ``acquire(deadline)``'s answer: False when the deadline passed first, or when
-        this is a signal handler nested in a write of its own thread (``nested_here()``); the
-        lock is then neither held nor released.
-
-        The engine does not use it: on Python 3.9 the interpreter also delivers signals after
-        an attribute store, so a Ctrl-C landing just after ``__enter__`` marks ``busy`` (before
-        the ``with`` body is entered, when ``__exit__`` is not yet due) would leave the lock
-        held and busy, and every later write of that thread would count as nested.  The engine
-        writes ``acquire(); try: busy = True ... finally: release()`` out, where the mark is
-        the first statement inside the ``try``."""
-        return Held(self, deadline)
-
-
-class Held:
-    """``WriteLock.held()``: acquire, mark ``busy``, and release on the way out.
-
-    ``busy`` is set in ``__enter__`` right after a successful acquire and ``with`` calls
-    ``__exit__`` for anything raised in its body, so the steps that a Ctrl-C can interrupt are
-    the ones ``acquire(); try: busy = True ... finally: release()`` written out had: inside
-    ``acquire()`` (a lock left ownerless, taken back by generation) and on entering the code
-    that releases (``__exit__`` does the release's three steps itself rather than calling
-    ``release()``, so there is one such entry, as before)."""
-
-    __slots__ = ("_lock", "_deadline", "got")
-
-    def __init__(self, lock: WriteLock, deadline: float) -> None:
-        self._lock = lock
-        self._deadline = deadline
-        self.got = False
-
-    def __enter__(self) -> bool:
-        lock = self._lock
-        self.got = got = lock.acquire(self._deadline)
-        if got:
-            lock.busy = True
-        return got
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.got:
-            lock = self._lock
-            lock.busy = False
-            lock._owner = None
-            lock._lock.release()
+        ``busy`` is marked as the first statement inside the ``try`` whose ``finally`` releases:
+        a Ctrl-C can then only land inside ``acquire()`` (a lock left held by nobody, taken back
+        by generation) or inside the ``try`` (released on the way out).  A context manager
+        would mark it in ``__enter__``, before the ``with`` body is entered, and Python 3.9
+        also runs signal handlers after an attribute store: a Ctrl-C there left the lock held
+        and busy for good, and every later write of that thread counted as nested."""
+        if not self.acquire(deadline):
+            return False, None
+        try:
+            self.busy = True
+            return True, work()
+        finally:
+            self.release()

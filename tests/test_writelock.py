@@ -24,11 +24,13 @@ class Holder:
 
     def _run(self):
         try:
-            if self.how == "held":
-                with self.wl.held(time.monotonic() + 2) as got:
-                    assert got
+            if self.how == "call":
+                def work():
+                    assert self.wl.busy
                     self.got.set()
                     self.let_go.wait(5)
+                got, _ = self.wl.call(time.monotonic() + 2, work)
+                assert got
             else:
                 assert self.wl.acquire(time.monotonic() + 2)
                 self.got.set()
@@ -80,27 +82,28 @@ def test_a_passed_deadline_does_not_wait():
     h.stop()
 
 
-def test_held_marks_busy_and_releases_on_the_way_out_even_on_an_exception():
+def test_call_marks_busy_returns_the_result_and_releases_even_on_an_exception():
     wl = WriteLock()
+    assert wl.call(time.monotonic() + 1, lambda: (wl.busy, wl.nested_here())) == (True, (True, True))
+    assert not wl.busy and not wl.nested_here()
+
+    def interrupted():
+        assert wl.busy and wl.nested_here()
+        raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-        with wl.held(time.monotonic() + 1) as got:
-            assert got is True and wl.busy and wl.nested_here()
-            raise KeyboardInterrupt
+        wl.call(time.monotonic() + 1, interrupted)
     assert not wl.busy and not wl.nested_here()
     got, took = in_thread(lambda: wl.acquire(time.monotonic() + 0.3) and (wl.release() or True))
     assert got is True and took < 0.2   # released: another thread gets it at once
 
 
-def test_held_that_times_out_neither_holds_nor_releases_the_holders_lock():
+def test_call_that_times_out_neither_runs_nor_releases_the_holders_lock():
     wl = WriteLock()
-    h = Holder(wl, how="held")
-
-    def try_held():
-        with wl.held(time.monotonic() + 0.1) as got:
-            return got
-
-    got, _ = in_thread(try_held)
-    assert got is False
+    h = Holder(wl, how="call")
+    ran = []
+    got, _ = in_thread(lambda: wl.call(time.monotonic() + 0.1, lambda: ran.append(1)))
+    assert got == (False, None) and ran == []
     got, _ = in_thread(lambda: wl.acquire(time.monotonic() + 0.1))
     assert got is False          # the holder still holds it
     h.stop()
@@ -109,16 +112,22 @@ def test_held_that_times_out_neither_holds_nor_releases_the_holders_lock():
 
 def test_nested_acquire_inside_a_write_of_the_same_thread_fails_at_once_and_keeps_the_outer_lock():
     wl = WriteLock()
-    with wl.held(time.monotonic() + 1) as outer:
-        assert outer
+    seen = {}
+
+    def outer():
         start = time.monotonic()
-        with wl.held(time.monotonic() + 1) as inner:   # as a signal handler would, on this thread
-            assert inner is False
-        assert wl.acquire(time.monotonic() + 1) is False
-        assert time.monotonic() - start < 0.1
-        assert wl.nested_here() and wl.busy            # the outer write still holds it
-        got, _ = in_thread(lambda: wl.acquire(time.monotonic() + 0.1))
-        assert got is False
+        ran = []
+        # as a signal handler would, on this thread
+        seen["inner"] = wl.call(time.monotonic() + 1, lambda: ran.append(1))
+        seen["ran"] = ran
+        seen["acquire"] = wl.acquire(time.monotonic() + 1)
+        seen["fast"] = time.monotonic() - start < 0.1
+        seen["still"] = wl.nested_here() and wl.busy   # the outer write still holds it
+        seen["other"], _ = in_thread(lambda: wl.acquire(time.monotonic() + 0.1))
+
+    assert wl.call(time.monotonic() + 1, outer)[0]
+    assert seen == {"inner": (False, None), "ran": [], "acquire": False, "fast": True, "still": True,
+                    "other": False}
     assert not wl.nested_here()
 
 
@@ -202,12 +211,13 @@ def test_reserve_goes_ahead_of_a_writer_that_releases_and_takes_the_lock_in_a_lo
 
     def busy_writer():
         while not stop.is_set():
-            with wl.held(time.monotonic() + 5) as got:
-                if got:
-                    rounds[0] += 1
-                    t = time.monotonic() + 0.002
-                    while time.monotonic() < t:   # work under the lock, the GIL passes meanwhile
-                        pass
+            def work():
+                rounds[0] += 1
+                t = time.monotonic() + 0.002
+                while time.monotonic() < t:   # work under the lock, the GIL passes meanwhile
+                    pass
+
+            wl.call(time.monotonic() + 5, work)
 
     w = threading.Thread(target=busy_writer, daemon=True)
     w.start()
