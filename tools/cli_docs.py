@@ -40,6 +40,8 @@ def command_section(name: str, command: click.Command, parent: Optional[click.Co
     lines = [heading(name), "", "```", formatter.getvalue().rstrip(), "```", ""]
     lines += [inspect.cleandoc(command.help or ""), "", "Options:", ""]
     for param in command.get_params(ctx):
+        if not isinstance(param, click.Option):
+            continue   # arguments are in the usage line (click >= 8.2 would list them here too)
         record = param.get_help_record(ctx)
         if record is not None:
             opts, text = record
