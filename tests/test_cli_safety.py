@@ -70,20 +70,25 @@ def test_ctrl_c_during_ingest_says_what_was_committed(db):
     assert count(db) == 120
 
 
+def read_until_closed(master):
+    """Everything a pseudo-terminal's other side wrote until it was closed."""
+    got = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:   # EIO: the other side is closed
+            return got
+        if not chunk:
+            return got
+        got += chunk
+
+
 def in_a_terminal(*args):
     """Run the command with stdout on a pseudo-terminal; returns (exit code, what the terminal got)."""
     master, slave = pty.openpty()
     proc = subprocess.Popen([str(BIN / "argo-signals"), *map(str, args)], stdout=slave, stderr=slave)
     os.close(slave)
-    got = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        got += chunk
+    got = read_until_closed(master)
     os.close(master)
     return proc.wait(30), got.decode("utf-8", "replace")
 
@@ -203,15 +208,7 @@ def test_the_progress_bar_on_a_terminal(db, tmp_path, command):
     proc = subprocess.Popen([str(BIN / "argo-signals"), *map(str, args), "--db", str(db)],
                             stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        shown += chunk
+    shown = read_until_closed(master)
     os.close(master)
     out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 0, shown.decode(errors="replace")[-2000:]
