@@ -1,8 +1,9 @@
 """The engine's queue: a ``queue.Queue`` that counts, seals, and is drained in bulk.
 
 Producers append (the engine's hot path appends to ``queue`` directly, see ``Engine.put``;
-the blocking ``put(timeout=)`` gives back-pressure); whoever runs the sink takes batches
-from the head under ``mutex`` and puts them back there if the write is interrupted.
+the blocking ``put(timeout=)`` gives back-pressure); whoever runs the sink claims a batch
+at the head under ``mutex`` and drops it only once written, so an interrupted write leaves it
+queued (``claim``, ``drop``, ``unclaim``).
 """
 from __future__ import annotations
 

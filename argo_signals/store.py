@@ -1,8 +1,9 @@
 """SQLite storage: connections, schema, batch writes, and the sync outbox queries.
 
 Every connection gets the same pragmas (WAL, synchronous, busy timeout).  sqlite-utils
-creates the schema and serves queries; the hot insert is a prepared ``executemany`` inside
-one ``BEGIN IMMEDIATE`` transaction per batch.
+creates the schema; the hot insert is multi-row ``INSERT OR IGNORE`` statements (up to
+``ROWS_PER_STATEMENT`` rows each, not ``executemany``: see below) inside one
+``BEGIN IMMEDIATE`` transaction per batch.
 """
 from __future__ import annotations
 
