@@ -70,7 +70,9 @@ def percentiles_of_counts(pairs: Iterable[Tuple[Any, int]], n: int,
 
 
 class Stats:
-    """Plain counters; each is written by one party at a time (the writer holds its lock)."""
+    """Plain counters, no lock.  The sink's counts are written under the engine's write lock;
+    a few are bumped by producers without it (``fallback_writes``, ``writer_restarts``,
+    ``last_error``), so those are best effort when producers race: a count may miss one."""
 
     def __init__(self) -> None:
         self.persisted = 0

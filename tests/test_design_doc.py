@@ -248,6 +248,17 @@ def link_problems(text: str, doc_dir: Path) -> List[str]:
     return problems
 
 
+def class_index_problems(text: str, pkg: Path) -> List[str]:
+    """Rows of the "where the classes live" table whose module does not define that class."""
+    problems = []
+    for cls, module in re.findall(r"^\| `(\w+)` \| \[`(\w+)\.py`\]", text, re.M):
+        path = pkg / f"{module}.py"
+        tree = ast.parse(path.read_text(encoding="utf-8")) if path.exists() else ast.Module(body=[], type_ignores=[])
+        if not any(isinstance(n, ast.ClassDef) and n.name == cls for n in tree.body):
+            problems.append(f"{cls}: {module}.py defines no such class")
+    return problems
+
+
 # -- the tests ---------------------------------------------------------------------------------
 def test_every_module_has_one_row_and_every_row_an_existing_module():
     assert module_table_problems(DOC.read_text(encoding="utf-8"), PKG) == []
@@ -337,3 +348,11 @@ def test_the_link_check_catches_a_broken_link():
     text = "see [`engine.py`](../argo_signals/engine.py) and [ops](operations.md#spill), " \
            "[gone](../argo_signals/signal.py), [web](https://example.org/x)"
     assert link_problems(text, DOC.parent) == ["link to ../argo_signals/signal.py: no such file"]
+
+
+def test_the_class_index_names_the_module_of_each_class():
+    text = DOC.read_text(encoding="utf-8")
+    assert len(re.findall(r"^\| `(\w+)` \| \[`(\w+)\.py`\]", text, re.M)) >= 15
+    assert class_index_problems(text, PKG) == []
+    wrong = text.replace("| `Gate` | [`ratelimit.py`]", "| `Gate` | [`breaker.py`]")
+    assert class_index_problems(wrong, PKG) == ["Gate: breaker.py defines no such class"]
