@@ -18,20 +18,11 @@ from .config import alpine_target, env_flag
 from .demo import outcome_picker, session_time, signals
 from .progress import Progress, no_progress
 from .stats import percentile
-from .store import SYNC_STATUSES, connect_readonly
+from .store import SYNC_STATUSES_SHOWN, connect_readonly
 from .tracker import SignalTracker
 
-__all__ = ["DemoError", "DemoResult", "SUMMARY_SYNC_ORDER", "run", "run_sync_counts",
+__all__ = ["DemoError", "DemoResult", "run", "run_sync_counts",
            "run_sync_lag_ms", "wait_synced"]
-
-# The demo's summary lists the sync statuses in this order (synced first: what the run is
-# about), the same statuses as store.SYNC_STATUSES.
-SUMMARY_SYNC_ORDER = ("synced", "pending", "skipped", "rejected", "failed")
-
-
-def _summary_position(status: str) -> int:
-    return SUMMARY_SYNC_ORDER.index(status) if status in SUMMARY_SYNC_ORDER else len(SUMMARY_SYNC_ORDER)
-
 
 class DemoError(ValueError):
     """The demo cannot start (a bad receiver URL or key)."""
@@ -204,8 +195,8 @@ def run_sync_lag_ms(db_path: str, ids: List[str]) -> Dict[str, Optional[float]]:
 
 
 def run_sync_counts(db_path: str, ids: List[str]) -> Dict[str, int]:
-    """Counts by sync status of the rows with these signal ids (every status, in ``SUMMARY_SYNC_ORDER``)."""
-    out = dict.fromkeys(sorted(SYNC_STATUSES, key=_summary_position), 0)
+    """Counts by sync status of the rows with these signal ids (every status, in ``store.SYNC_STATUSES_SHOWN``)."""
+    out = dict.fromkeys(SYNC_STATUSES_SHOWN, 0)
     try:
         conn = connect_readonly(db_path)
     except sqlite3.Error:

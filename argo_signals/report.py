@@ -25,19 +25,14 @@ from . import spill
 from .demo import SIMULATED_SOURCE
 from .record import SignalValidationError, format_timestamp
 from .stats import percentiles_of_counts
-from .store import SYNC_STATUSES, connect_readonly, waiting_summary
+from .store import SYNC_STATUSES, SYNC_STATUSES_SHOWN, connect_readonly, waiting_summary
 
 __all__ = ["ReportError", "parse_since", "collect", "json_safe", "DEFAULT_BATCH_TIMEOUT", "DEFAULT_TOP",
            "MAX_BUCKETS", "SYNC_STATES", "ACTIONS", "CONFIDENCE_BANDS"]
 
 DEFAULT_BATCH_TIMEOUT = 5.0  # SignalTracker's default: the reference line for time to durable
 MAX_BUCKETS = 60
-# The statuses of store.SYNC_STATUSES in the order the report shows them (the keys of its
-# JSON, the columns of its tables): delivered first, then waiting, then the ones that never
-# will be.  This ranking is the only place that order is written; a status it does not rank
-# is shown last rather than dropped.
-_SHOWN_ORDER = {"synced": 0, "pending": 1, "skipped": 2, "rejected": 3, "failed": 4}
-SYNC_STATES = tuple(sorted(SYNC_STATUSES, key=lambda s: _SHOWN_ORDER.get(s, len(_SHOWN_ORDER))))
+SYNC_STATES = SYNC_STATUSES_SHOWN   # the keys of the report's JSON, the columns of its tables
 ACTIONS = ("BUY", "SELL", "NEUTRAL")
 CONFIDENCE_BANDS = 10  # 0-10, 10-20, ... 90-100
 TOP_REASONS = 10

@@ -23,7 +23,7 @@ import sqlite_utils
 
 from .record import FINISHED_FIELDS, UPDATABLE, DefaultTimestamp
 
-__all__ = ["connect", "connect_readonly", "readonly_uri", "SYNC_STATUSES", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
+__all__ = ["connect", "connect_readonly", "readonly_uri", "SYNC_STATUSES", "SYNC_STATUSES_SHOWN", "ensure_schema", "BatchResult", "write_batch", "is_environment_error",
            "SIGNAL_COLUMNS", "utc_now", "insert_sql", "insert_params", "status_counts", "claim_due", "reclaim",
            "settle", "settle_many", "release", "settle_refused", "file_token",
            "reset_status", "waiting_summary", "overdue_waiting",
@@ -35,6 +35,9 @@ APPLICATION_ID = 0x41524753
 SCHEMA_VERSION = 1
 # Values of signals.sync_status.
 SYNC_STATUSES = ("pending", "synced", "rejected", "skipped", "failed")
+# The same, in the order a person reads them: delivered, waiting, then the ones that never will
+# be (the report's keys and columns, the demo's summary).
+SYNC_STATUSES_SHOWN = ("synced", "pending", "skipped", "rejected", "failed")
 
 SIGNAL_COLUMNS: Dict[str, type] = {
     "id": int, "signal_id": str, "symbol": str, "action": str, "entry_price": float,

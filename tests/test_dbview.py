@@ -9,7 +9,7 @@ import pytest
 import argo_signals
 from argo_signals import SignalTracker, dbview, demo_run, drain
 from argo_signals.config import alpine_target
-from argo_signals.store import SYNC_STATUSES
+from argo_signals.store import SYNC_STATUSES, SYNC_STATUSES_SHOWN
 from conftest import make_signal
 
 
@@ -19,14 +19,14 @@ def seed(db, n=3):
 
 
 def test_the_printed_orders_name_every_sync_status_once():
-    for order in (dbview.STATUS_LINE_ORDER, demo_run.SUMMARY_SYNC_ORDER):
+    for order in (dbview.STATUS_LINE_ORDER, SYNC_STATUSES_SHOWN):
         assert sorted(order) == sorted(SYNC_STATUSES) and len(set(order)) == len(order)
 
 
 def test_demo_counts_cover_every_status_in_the_summary_order(db):
     ids = seed(db)
     counts = demo_run.run_sync_counts(str(db), ids + ["not-there"])
-    assert tuple(counts) == demo_run.SUMMARY_SYNC_ORDER and counts["pending"] == 3 and sum(counts.values()) == 3
+    assert tuple(counts) == SYNC_STATUSES_SHOWN and counts["pending"] == 3 and sum(counts.values()) == 3
     assert demo_run.run_sync_lag_ms(str(db), ids) == {"p50": None, "p99": None}   # nothing synced
 
 
