@@ -13,7 +13,7 @@ from . import spill
 from .outcomes import read_last_error
 from .record import HASH_FIELDS, alpine_hash, recheck
 from .safetext import escape_controls
-from .store import connect_readonly
+from .store import SYNC_STATUSES, connect_readonly
 from .tracker import database_state
 
 __all__ = ["DatabaseUnavailable", "NEEDED_COLUMNS", "open_existing", "json_value", "status", "format_status",
@@ -80,9 +80,7 @@ def status(db_path: str) -> Dict[str, Any]:
     st = database_state(db_path)   # sync counts and waiting updates, one connection
     size = sum(os.path.getsize(p) for p in (db_path, db_path + "-wal") if os.path.exists(p))
     return {"database": db_path, "signals": total,
-            "by_sync_status": {"pending": st["sync_pending"], "synced": st["synced"],
-                               "rejected": st["sync_rejected"], "skipped": st["sync_skipped"],
-                               "failed": st["sync_failed"]},
+            "by_sync_status": {s: st["synced" if s == "synced" else f"sync_{s}"] for s in SYNC_STATUSES},
             "oldest_signal": first["timestamp"] if first else None,
             "newest_signal": last["timestamp"] if last else None,
             "last_written": last["created_at"] if last else None,
