@@ -22,7 +22,7 @@ def test_bench_json_has_every_figure():
                                   "--backlog", "60", "--slowdown-pairs", "1", "--json", "--quiet"],
                             catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     for k in KEYS:
         assert isinstance(data[k], (int, float)) and data[k] > 0, k
     for k in SLOWDOWNS:  # a difference of two noisy speeds: any sign
@@ -38,7 +38,7 @@ def test_bench_only_runs_the_parts_asked_for():
     r = CliRunner().invoke(main, ["bench", "--signals", "300", "--repeat", "1", "--only", "stages", "--json", "--quiet"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert data["stage_total_us"] > 0 and "e2e_rows_per_s" not in data and "sync_signals_per_s" not in data
     assert data["params"]["sections"] == ["stages"] and data["goals"] == {}
 

@@ -63,7 +63,7 @@ def test_demo_runs_and_reports(db):
     assert "sync: off (--no-sync" in r.output
     assert count(db) == 300
     r = cli("demo", "--db", db, "--count", 50, "--json", "--no-sync")
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert data["persisted"] == 50 and data["logged"] == 50 and data["sync"]["enabled"] is False
     assert count(db) == 350 and count(db) == len(rows(db, "sync_status = 'pending'"))
     assert cli("demo", "--db", db, "--no-sync", "--alpine-url", "http://127.0.0.1:9").exit_code == 2
@@ -142,7 +142,7 @@ def test_export_then_ingest_round_trips(db, tmp_path):
     assert [x["sha256"] for x in rows(other)] == [x["sha256"] for x in rows(db)]
     assert [x["signal_id"] for x in rows(other)] == ids
     r = cli("ingest", out, "--db", other, "--json")  # again: all already stored
-    assert json.loads(r.output)["already_stored"] == 5 and count(other) == 5
+    assert json.loads(r.stdout)["already_stored"] == 5 and count(other) == 5
 
 
 def test_export_filters_and_csv(db):
@@ -165,10 +165,10 @@ def test_status_empty_and_missing(db, tmp_path):
     from argo_signals.store import connect, ensure_schema
     ensure_schema(connect(str(db)))
     r = cli("status", "--db", db, "--json")
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert r.exit_code == 0 and data["signals"] == 0 and data["journal_mode"] == "wal"
     seeded(db, 4)
-    data = json.loads(cli("status", "--db", db, "--json").output)
+    data = json.loads(cli("status", "--db", db, "--json").stdout)
     assert data["signals"] == 4 and data["by_sync_status"]["pending"] == 4 and data["sync_lag_s"] >= 0
 
 
@@ -187,7 +187,7 @@ def test_tail(db):
     lines = r.output.splitlines()
     assert lines[0].split()[:3] == ["id", "timestamp", "symbol"] and len(lines) == 4
     r = cli("tail", "--db", db, "-n", 5, "--symbol", "AAPL", "--json")
-    got = [json.loads(x) for x in r.output.splitlines()]
+    got = [json.loads(x) for x in r.stdout.splitlines()]
     assert len(got) == 5 and {g["symbol"] for g in got} == {"AAPL"} and got[-1]["signal_id"] == ids[-1]
 
 
@@ -215,7 +215,7 @@ def test_sync_command(db, alpine):
     r = runner().invoke(main, ["sync", "--db", str(db), "--quiet"])
     assert r.exit_code == 1 and "no Alpine URL" in r.stderr
     r = cli("sync", "--db", db, "--alpine-url", alpine.url, "--json", env={"ARGO_API_KEY": KEY})
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert r.exit_code == 0, r.output
     assert data["synced"] == 6 and data["skipped"] == 1 and data["still_pending"] == 0
     assert len(alpine.stored_ids()) == 6
@@ -226,12 +226,12 @@ def test_sync_exit_status_and_retry_rejected(db, alpine):
     alpine.fail(422)
     env = {"ARGO_API_KEY": KEY, "ALPINE_API_URL": alpine.url}
     r = cli("sync", "--db", db, "--json", env=env)
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert r.exit_code == 1 and data["rejected"] == 1 and data["synced"] == 1
     r = cli("sync", "--db", db, "--json", env=env)
-    assert r.exit_code == 0 and json.loads(r.output)["taken"] == 0
+    assert r.exit_code == 0 and json.loads(r.stdout)["taken"] == 0
     r = cli("sync", "--db", db, "--retry-rejected", "--json", env=env)
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert r.exit_code == 0 and data["reset_to_pending"] == 1 and data["synced"] == 1
     assert [x["sync_status"] for x in rows(db)] == ["synced", "synced"]
 
@@ -261,7 +261,7 @@ def test_verify_finds_tampered_rows(db):
     conn.commit()
     conn.close()
     r = runner().invoke(main, ["verify", "--db", str(db), "--json"])
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert r.exit_code == 1 and data["mismatches"] == 1 and data["rows"][0]["id"] == 3
     out = script("verify", "--db", db)
     assert out.returncode == 1 and "1 hash mismatches" in out.stdout
@@ -359,7 +359,7 @@ def test_verify_rechecks_every_row_against_the_rules(db):
     conn.commit()
     conn.close()
     r = runner().invoke(main, ["verify", "--db", str(db), "--json"])
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert r.exit_code == 1
     assert {(b["id"], b["field"]) for b in data["invalid"]} == {(2, "action"), (3, "exit_price"), (4, "entry_price")}
     assert "exit_price" not in data["hash_covers"] and "action" in data["hash_covers"]
@@ -374,7 +374,7 @@ def test_db_paths_with_uri_characters_work_in_every_command(tmp_path, name):
     decoy = tmp_path / "pA.db"  # what 'p%41.db' means as a URI
     seeded(decoy, 5)
     seeded(path, 2)
-    data = json.loads(cli("status", "--db", path, "--json").output)
+    data = json.loads(cli("status", "--db", path, "--json").stdout)
     assert data["signals"] == 2 and data["by_sync_status"]["pending"] == 2
     assert len(cli("export", "--db", path).stdout.splitlines()) == 2
     assert len(cli("tail", "--db", path).output.splitlines()) == 3
@@ -415,9 +415,9 @@ def test_ingest_dedupe_makes_reingesting_idempotent(db, tmp_path):
     src = tmp_path / "hand.jsonl"
     src.write_text("\n".join(json.dumps({"symbol": s, "action": "BUY", "entry_price": p, "confidence": 50})
                              for s, p in (("AAPL", 1), ("MSFT", 2), ("AAPL", "1.0"))) + "\n")
-    first = json.loads(cli("ingest", src, "--db", db, "--dedupe", "--json").output)
+    first = json.loads(cli("ingest", src, "--db", db, "--dedupe", "--json").stdout)
     assert (first["persisted"], first["already_stored"]) == (2, 1)  # line 3 is line 1 again
-    again = json.loads(cli("ingest", src, "--db", db, "--dedupe", "--json").output)
+    again = json.loads(cli("ingest", src, "--db", db, "--dedupe", "--json").stdout)
     assert (again["persisted"], again["already_stored"], again["rejected"]) == (0, 3, 0)
     assert count(db) == 2
     cli("ingest", src, "--db", db)  # without --dedupe every line is a new signal
@@ -439,9 +439,9 @@ def test_db_before_or_after_the_command_and_from_the_environment(db, tmp_path):
                       (["--db", db, "status", "--json"], {"ARGO_SIGNALS_DB": str(tmp_path / "other.db")})):
         r = runner().invoke(main, [str(a) for a in args], env=env)
         assert r.exit_code == 0, (args, r.stderr)
-        assert json.loads(r.output)["signals"] == 3
+        assert json.loads(r.stdout)["signals"] == 3
     r = runner().invoke(main, ["--db", str(tmp_path / "other.db"), "status", "--db", str(db), "--json"])
-    assert json.loads(r.output)["database"] == str(db)  # the one nearer the command wins
+    assert json.loads(r.stdout)["database"] == str(db)  # the one nearer the command wins
     out = script("--db", db, "tail", "-n", 1)
     assert out.returncode == 0 and len(out.stdout.splitlines()) == 2
 

@@ -69,7 +69,7 @@ def test_an_update_waiting_past_its_age_is_reported_once_never_dropped(db, caplo
                for r in caplog.records if r.levelno == logging.WARNING) == 1
     res = CliRunner().invoke(main, ["status", "--db", str(db), "--json"])
     assert res.exit_code == 0, res.output
-    data = json.loads(res.output)
+    data = json.loads(res.stdout)
     assert data["waiting_updates"] == 1 and data["waiting_update_oldest_s"] >= 0.1
     with SignalTracker(db, **QUIET) as t:        # the insert lands at last: applied then
         t.log_signal(make_signal(0, signal_id="not-yet"))

@@ -199,7 +199,7 @@ def test_page_tables_show_the_same_numbers_rounded(db):
 def test_per_symbol_on_demand(db, tmp_path):
     build(db)
     assert "by_symbol" not in collect(str(db), now=NOW)["quality"]
-    data = json.loads(cli("report", "--db", db, "--json", "--per-symbol").output)
+    data = json.loads(cli("report", "--db", db, "--json", "--per-symbol").stdout)
     aapl, msft = data["quality"]["by_symbol"]
     assert (aapl["symbol"], aapl["signals"], aapl["closed"], aapl["wins"], aapl["losses"]) == ("AAPL", 5, 4, 1, 2)
     assert (aapl["mean_confidence"], aapl["total_pnl_pct"], aapl["mean_pnl_pct"]) == (82.2, -1.5, -0.375)
@@ -322,7 +322,7 @@ def test_cli_json_and_page_from_a_real_tracker_with_outcomes(db, tmp_path):
         for sid, (outcome, pnl) in zip(ids, [("win", 1.5), ("loss", -1.0), ("win", 0.5), ("win", 2.0)]):
             t.update_signal(sid, outcome=outcome, exit_price=101.0, profit_loss_pct=pnl)
     r = cli("report", "--db", db, "--json")
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     s1 = data["quality"]["by_strategy"][0]
     assert (s1["strategy"], s1["signals"], s1["closed"], s1["wins"], s1["losses"]) == ("s1", 6, 4, 3, 1)
     assert s1["total_pnl_pct"] == 3.0 and s1["win_rate"] == 0.75
@@ -387,7 +387,7 @@ def test_demo_closes_a_share_with_confidence_tracking_win_rate(tmp_path):
     assert win_probability(90, "momentum") > win_probability(60, "momentum") > win_probability(30, "momentum")
     db = tmp_path / "demo.db"
     r = cli("demo", "--db", db, "--count", 4000, "--quiet", "--json", "--no-sync")
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     closed = data["closed"]["wins"] + data["closed"]["losses"]
     assert 0.45 * 4000 < closed < 0.65 * 4000
     q = collect(str(db))["quality"]
