@@ -72,7 +72,7 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar
 def progress_bar(length: Optional[int], label: str, quiet: bool) -> Iterator[Any]:
     """click.progressbar on stderr, or a no-op when quiet or stderr is not a terminal.  With no
     ``length`` (a stream of unknown size) the bar counts without a percentage."""
-    if quiet or not sys.stderr.isatty():
+    if quiet or not isatty(sys.stderr):
         with no_progress(length, label) as silent:
             yield silent
         return
@@ -118,8 +118,6 @@ def isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):
         return False
-
-
 
 
 def host_port(value: str) -> Tuple[str, int]:
