@@ -119,3 +119,19 @@ def db(tmp_path):
 def _clean_env(monkeypatch):
     for name in ("ALPINE_API_URL", "ARGO_API_KEY", "ALPINE_SYNC_ENABLED", "ARGO_SIGNALS_DB"):
         monkeypatch.delenv(name, raising=False)
+
+
+# In a test script: the child's wait status, or "hung" (then killed) if it has not ended in time.
+WAIT_CHILD = """
+def wait_child(pid, seconds):
+    import os, signal, time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return "hung"
+"""

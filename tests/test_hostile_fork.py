@@ -8,7 +8,7 @@ import sqlite3
 
 from argo_signals import SignalTracker
 
-from conftest import count, run_script
+from conftest import WAIT_CHILD, count, run_script
 
 # Another process holds the database's write lock for a while (prints "locked" once it has it).
 HOLD_LOCK = """
@@ -23,20 +23,6 @@ def hold_lock(db, seconds):
     return p
 """
 
-# In a test script: the child's wait status, or "hung" (then killed) if it has not ended in time.
-WAIT_CHILD = """
-def wait_child(pid, seconds):
-    import os, signal, time
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    return "hung"
-"""
 
 # A writer that is inside SQLite, in the middle of its transaction, for 0.3 s whenever it
 # inserts a row of strategy "slow" (a user function called by a temporary trigger).

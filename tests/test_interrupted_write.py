@@ -6,7 +6,7 @@ import json
 import sys
 
 import pytest
-from conftest import run_script
+from conftest import WAIT_CHILD, run_script
 
 CTRL_C_AFTER_THE_LOCK = """
 import faulthandler, json, logging, os, signal, sqlite3, sys, threading, time
@@ -74,7 +74,7 @@ if pid == 0:
 os.close(w)
 with os.fdopen(r) as f:
     out = f.read()
-os.waitpid(pid, 0)
+wait_child(pid, 30)
 print(out or "null")
 """
 
@@ -83,7 +83,7 @@ def test_a_ctrl_c_right_after_the_write_lock_is_taken_does_not_keep_it(db):
     """The lock is marked busy only where a Ctrl-C after the mark still releases it.  A busy
     mark left behind would make every later write of this thread count as nested in a write
     (queued, owed, never written) and close() answer False."""
-    p = run_script(CTRL_C_AFTER_THE_LOCK, db, 3, "claim", timeout=90)
+    p = run_script(WAIT_CHILD + CTRL_C_AFTER_THE_LOCK, db, 3, "claim", timeout=90)
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got is not None and "error" not in got, got
@@ -99,7 +99,7 @@ def test_a_ctrl_c_before_the_sink_writes_leaves_no_lock_held(db):
     """Wider moment: from taking the write lock until the sink's write begins (the batch is
     claimed under the queue's mutex meanwhile).  Neither the write lock nor the queue's
     mutex may stay held: the next log_signal() of this thread must not wait forever."""
-    p = run_script(CTRL_C_AFTER_THE_LOCK, db, 3, "write", timeout=90)
+    p = run_script(WAIT_CHILD + CTRL_C_AFTER_THE_LOCK, db, 3, "write", timeout=90)
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got is not None and "error" not in got, (got, p.stderr[-2000:])

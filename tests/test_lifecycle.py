@@ -14,7 +14,7 @@ import pytest
 
 from argo_signals import SignalTracker
 
-from conftest import ROOT, LineReader, count, make_signal, rows, run_script, spawn_script
+from conftest import ROOT, WAIT_CHILD, LineReader, count, make_signal, rows, run_script, spawn_script
 
 QUIET = dict(batch_size=1_000_000, batch_timeout=3600, flush_interval=3600, register_atexit=False)
 UNSAVED_PREFIX = "argo-signals-unsaved: "
@@ -336,7 +336,7 @@ def test_tracker_dropped_without_close_is_still_written_at_exit(db):
 
 # -- module state re-created in a forked child ----------------------------------------------------
 FORK_RESETS = """
-import json, os, sys, time
+import json, os, sys
 from argo_signals import SignalTracker, lifecycle, record, spill
 db = sys.argv[1]
 calls = []
@@ -368,10 +368,7 @@ def fork_and_report():
     os.close(w)
     with os.fdopen(r) as f:
         got = json.loads(f.read() or "null")
-    deadline = time.monotonic() + 10
-    while not os.waitpid(pid, os.WNOHANG)[0]:
-        assert time.monotonic() < deadline, "child hung"
-        time.sleep(0.01)
+    assert wait_child(pid, 10) != "hung"
     return got
 
 before = fork_and_report()          # no tracker exists yet
@@ -386,7 +383,7 @@ def test_fork_resets_run_in_every_child_in_registration_order(db):
     """What modules register with ``lifecycle.after_fork_in_child`` runs in a forked child
     whether or not a tracker exists: the child draws new id bits and gets a spill lock that the
     parent's holder cannot keep from it."""
-    p = run_script(FORK_RESETS, db, timeout=60)
+    p = run_script(WAIT_CHILD + FORK_RESETS, db, timeout=60)
     assert p.returncode == 0, p.stderr
     before, after = json.loads(p.stdout.strip().splitlines()[-1])
     for child in (before, after):
